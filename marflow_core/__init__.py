@@ -1,0 +1,20 @@
+"""marflow_core: reflow, PeRFlow and the marginal-alignment regularizer for few-step flow students.
+
+Conventions (METHOD.md): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
+"""
+
+from .divergence import batch_jacobian, exact_divergence, hutchinson_divergence, sample_probes
+from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
+from .marginal import MAConfig, ma_surrogate, ma_value_estimate
+from .models import TimeMLP, VelocityField
+from .objectives import DistillationObjective, LossTerms, Objective
+from .perflow import PeRFlowSampler
+from .reflow import ReflowPairSampler, generate_reflow_pairs, load_pairs
+from .solvers import odeint_adaptive, odeint_fixed, uniform_grid
+from .teachers import GaussianMixtureTeacher, Teacher, VelocityTeacher, score_from_velocity
+from .training import NonFiniteLossError, TrainConfig, TrainResult, load_checkpoint, train
+from .trajectory import WindowBatch, sample_few_step, trajectory_matching_loss
+from .windows import TimeWindows, segment_point, segment_velocity
+
+__all__ = [name for name in dir() if not name.startswith("_")]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Classic reflow (``K = 1``): teacher-ODE pairs ``(x0, x1 = Phi^T(x0))``, sharded by seed.
+
+Pairs are generated once, one shard per seed, each written atomically, so an interrupted
+generation resumes by skipping finished shards and a larger bank reuses the smaller one's shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import atomic_torch_save
+from .divergence import Field
+from .solvers import odeint_fixed, uniform_grid
+from .trajectory import WindowBatch
+
+SHARD_PATTERN = "pairs_seed{seed:08d}.pt"
+
+
+def shard_seed(base_seed: int, shard: int) -> int:
+    """The seed of shard ``shard``: distinct for every (base seed, shard) with shard < 1e6."""
+    return base_seed * 1_000_003 + shard
+
+
+@torch.no_grad()
+def teacher_pairs(
+    teacher: Field,
+    n: int,
+    dim_shape: tuple[int, ...],
+    seed: int,
+    steps: int = 32,
+    method: str = "rk4",
+    batch_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pairs ``(x0, Phi^T_{0->1}(x0))`` with ``x0 ~ N(0, I)`` drawn from ``seed``; shapes ``(n, *dim_shape)``."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((n, *dim_shape), generator=generator, dtype=dtype).to(device)
+    chunks = []
+    for start in range(0, n, batch_size):
+        xb = x0[start : start + batch_size]
+        chunks.append(odeint_fixed(teacher, xb, uniform_grid(0.0, 1.0, steps, xb), method))
+    return x0, torch.cat(chunks)
+
+
+def generate_reflow_pairs(
+    teacher: Field,
+    out_dir: str | Path,
+    n_pairs: int,
+    shard_size: int,
+    dim_shape: tuple[int, ...],
+    base_seed: int = 0,
+    steps: int = 32,
+    method: str = "rk4",
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``ceil(n_pairs / shard_size)`` shards of teacher pairs to ``out_dir``; skip existing ones."""
+    if n_pairs < 1 or shard_size < 1:
+        raise ValueError(f"n_pairs and shard_size must be >= 1, got {n_pairs}, {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_pairs // shard_size)
+    paths = []
+    for shard in tqdm(range(n_shards), desc="reflow pairs", disable=not progress):
+        seed = shard_seed(base_seed, shard)
+        path = out / SHARD_PATTERN.format(seed=seed)
+        size = min(shard_size, n_pairs - shard * shard_size)
+        if not path.exists():
+            x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, device=device)
+            atomic_torch_save({"x0": x0.cpu(), "x1": x1.cpu(), "seed": seed}, path)
+        paths.append(path)
+    return paths
+
+
+def load_pairs(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate shards into ``(x0, x1)``."""
+    shards = [torch.load(p, weights_only=True) for p in paths]
+    return torch.cat([s["x0"] for s in shards]), torch.cat([s["x1"] for s in shards])
+
+
+@dataclass
+class ReflowPairSampler:
+    """Draws a batch of stored pairs and a uniform time: a ``WindowBatch`` with the single window."""
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+    batch_size: int
+
+    def __call__(self, batch, generator: torch.Generator | None) -> WindowBatch:
+        del batch  # the pair bank is the data
+        idx = torch.randint(0, len(self.x0), (self.batch_size,), generator=generator)
+        x0, x1 = self.x0[idx], self.x1[idx]
+        t = torch.rand(self.batch_size, generator=generator, dtype=x0.dtype)
+        zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+        return WindowBatch(x0, x1, torch.zeros_like(idx), t, zeros, ones)

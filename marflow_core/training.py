@@ -1,0 +1,137 @@
+"""The training loop shared by every method: seeded, resumable, atomic checkpoints, finite losses.
+
+Randomness of step ``s`` comes from a generator seeded by ``(seed, s)``, so an interrupted run
+resumed from its last checkpoint is bit-identical to an uninterrupted one (same device, same threads).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_torch_save
+from .objectives import Objective
+
+LAST_CHECKPOINT = "last.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised, before any parameter update, when a loss term is NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """``steps`` optimizer steps of Adam(``lr``); checkpoints every ``checkpoint_every`` steps.
+
+    ``snapshot_every`` > 0 also keeps ``step_XXXXXXX.pt`` files (for checkpoint selection);
+    ``warmup`` steps of linear learning-rate warm-up; ``grad_clip`` <= 0 disables clipping.
+    """
+
+    steps: int = 2000
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 500
+    snapshot_every: int = 0
+    log_every: int = 50
+    warmup: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive = {"steps": self.steps, "checkpoint_every": self.checkpoint_every,
+                    "log_every": self.log_every, "lr": self.lr}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"invalid training parameter {key}={value!r}: must be > 0")
+        for key, value in {"snapshot_every": self.snapshot_every, "warmup": self.warmup}.items():
+            if value < 0:
+                raise ValueError(f"invalid training parameter {key}={value!r}: must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step: a function of ``(seed, step)`` only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "history": history, "config": asdict(config)}
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
+    """Load a checkpoint's weights into ``model``; returns the whole checkpoint dict."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return state
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    batch_fn: Callable[[int, torch.Generator], object],
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Optimize ``objective`` for ``config.steps`` steps, resuming from ``checkpoint_dir/last.pt``.
+
+    ``batch_fn(step, generator)`` returns the data batch of a step. Raises ``NonFiniteLossError``
+    naming the step and the loss parts; the last good checkpoint is kept.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, history = 0, []
+    if ckpt_dir is not None and (ckpt_dir / LAST_CHECKPOINT).exists():
+        state = load_checkpoint(ckpt_dir / LAST_CHECKPOINT, model)
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    result = TrainResult(steps=start, history=history, resumed_from=start)
+    tic = time.perf_counter()
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, initial=start,
+               total=config.steps, mininterval=1.0)
+    model.train()
+    for step in bar:
+        generator = step_generator(config.seed, step)
+        terms = objective(model, batch_fn(step, generator), step, generator)
+        if not all(math.isfinite(v) for v in terms.parts.values()):
+            raise NonFiniteLossError(
+                f"{desc}: non-finite loss at step {step}: {terms.parts}; stopped before the update, "
+                f"last good checkpoint kept in {ckpt_dir}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if config.warmup:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+        optimizer.step()
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            history.append({"step": done, **terms.parts})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()})
+        if ckpt_dir is not None:
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config)
+            if config.snapshot_every and done % config.snapshot_every == 0:
+                _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config)
+    model.eval()
+    result.steps = config.steps
+    result.wall_seconds = time.perf_counter() - tic
+    return result
