@@ -90,22 +90,26 @@ def flow_with_logdet(
     return FlowWithLogDet(x, logdet)
 
 
-def euler_map_with_logdet(field: Field, x0: torch.Tensor, t_grid: torch.Tensor) -> FlowWithLogDet:
-    """Exact ``log|det|`` of the Euler map over ``t_grid`` (low dimension; detached, for evaluation).
+def euler_map_with_logdet(
+    field: Field, x0: torch.Tensor, t_grid: torch.Tensor, create_graph: bool = False
+) -> FlowWithLogDet:
+    """Exact ``log|det|`` of the Euler map over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``; low dimension).
 
     Per step ``x <- x + h v(x, t)`` the Jacobian is ``I + h J_v``; ``logdet = sum_n log|det(I + h_n J_n)|``.
+    Where a step folds space (``det <= 0``) the map is not injective and ``log q = log p - logdet``
+    keeps one preimage only: a lower bound on the true ``log q``. ``create_graph`` keeps it differentiable.
     """
     grid = batch_grid(t_grid, x0.shape[0])
-    x = x0.detach()
+    x = x0 if create_graph else x0.detach()
     dim = x[0].numel()
     eye = torch.eye(dim, dtype=x.dtype, device=x.device)
     logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     folded = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(grid.shape[0] - 1):
         h = grid[i + 1] - grid[i]
-        v, jac = batch_jacobian(field, x, grid[i])
+        v, jac = batch_jacobian(field, x, grid[i], create_graph)
         sign, logabs = torch.linalg.slogdet(eye + h[:, None, None] * jac)
         logdet = logdet + logabs
-        folded |= sign <= 0
+        folded |= sign.detach() <= 0
         x = x + h.reshape(-1, *([1] * (x.ndim - 1))) * v
     return FlowWithLogDet(x, logdet, int(folded.sum()))

@@ -18,9 +18,12 @@ from typing import Protocol
 import torch
 
 from .divergence import Field, exact_divergence, hutchinson_divergence, sample_probes
-from .logdensity import DIVERGENCE_KINDS, flow_with_logdet
+from .logdensity import DIVERGENCE_KINDS, euler_map_with_logdet, flow_with_logdet
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
+
+
+LOGDET_MODES: tuple[str, ...] = ("continuous", "discrete")
 
 
 class ScoringTeacher(Protocol):
@@ -35,6 +38,10 @@ class MAConfig:
 
     ``weight`` is ``lambda``; ``substeps`` the student sub-steps ``n`` per window; ``window_weights``
     optional per-window multipliers (length ``K``); ``every`` runs the term on every ``every``-th step.
+    ``logdet``: ``"continuous"`` tracks ``int div v`` (METHOD.md; exact or Hutchinson divergence, any
+    dimension) and is exact only as ``n`` grows; ``"discrete"`` uses the exact ``log|det(I + h J)|`` of
+    the ``n`` Euler sub-steps (low dimension only), so the surrogate's gradient is that of the KL of the
+    student's actual few-step window map.
     The ``t_max`` cutoff belongs to the teacher's score (``VelocityTeacher``).
     """
 
@@ -47,6 +54,7 @@ class MAConfig:
     normalize_by_dim: bool = True
     window_weights: list[float] | None = field(default=None)
     every: int = 1
+    logdet: str = "continuous"
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,7 +65,10 @@ class MAConfig:
             ("n_probes", self.n_probes, self.n_probes >= 1),
             ("probe_kind", self.probe_kind, self.probe_kind in ("rademacher", "gaussian")),
             ("every", self.every, self.every >= 1),
+            ("logdet", self.logdet, self.logdet in LOGDET_MODES),
         ]
+        if self.logdet == "discrete":
+            checks.append(("solver", self.solver, self.solver == "euler"))
         if self.window_weights is not None:
             ok = all(w >= 0 for w in self.window_weights)
             checks.append(("window_weights", self.window_weights, ok))
@@ -76,10 +87,13 @@ def ma_surrogate(
     """Scalar surrogate (B) averaged over the batch: ``-L - <sg(s_T(y, t_end)), y>``, over ``d`` if normalized."""
     x = wb.x_start.detach()
     grid = uniform_grid(wb.t_start, wb.t_end, config.substeps, x)
-    flow = flow_with_logdet(
-        model, x, grid, config.solver, config.divergence, config.n_probes, config.probe_kind,
-        create_graph=True, generator=generator,
-    )
+    if config.logdet == "discrete":
+        flow = euler_map_with_logdet(model, x, grid, create_graph=True)
+    else:
+        flow = flow_with_logdet(
+            model, x, grid, config.solver, config.divergence, config.n_probes, config.probe_kind,
+            create_graph=True, generator=generator,
+        )
     with torch.no_grad():
         score = teacher.score(flow.x.detach(), wb.t_end)
     per_sample = -flow.logdet - (score * flow.x).flatten(1).sum(-1)

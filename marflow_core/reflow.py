@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .atomic import atomic_torch_save
 from .divergence import Field
@@ -59,7 +59,11 @@ def generate_reflow_pairs(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[Path]:
-    """Write ``ceil(n_pairs / shard_size)`` shards of teacher pairs to ``out_dir``; skip existing ones."""
+    """Write ``ceil(n_pairs / shard_size)`` shards of teacher pairs to ``out_dir``; skip existing ones.
+
+    An existing shard is kept only if its size, ``steps`` and ``method`` match (a bank grown from
+    10 to 12 pairs regenerates its partial last shard); the teacher itself is not checked.
+    """
     if n_pairs < 1 or shard_size < 1:
         raise ValueError(f"n_pairs and shard_size must be >= 1, got {n_pairs}, {shard_size}")
     out = Path(out_dir)
@@ -70,11 +74,20 @@ def generate_reflow_pairs(
         seed = shard_seed(base_seed, shard)
         path = out / SHARD_PATTERN.format(seed=seed)
         size = min(shard_size, n_pairs - shard * shard_size)
-        if not path.exists():
+        if not _shard_matches(path, size, steps, method):
             x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, device=device)
-            atomic_torch_save({"x0": x0.cpu(), "x1": x1.cpu(), "seed": seed}, path)
+            atomic_torch_save({"x0": x0.cpu(), "x1": x1.cpu(), "seed": seed, "steps": steps,
+                               "method": method}, path)
         paths.append(path)
     return paths
+
+
+def _shard_matches(path: Path, size: int, steps: int, method: str) -> bool:
+    """An existing shard is reused only if it has ``size`` pairs made with the same solver settings."""
+    if not path.exists():
+        return False
+    shard = torch.load(path, weights_only=True, mmap=True)
+    return len(shard["x0"]) == size and shard.get("steps") == steps and shard.get("method") == method
 
 
 def load_pairs(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:

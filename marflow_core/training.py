@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .atomic import atomic_torch_save
 from .objectives import Objective
@@ -104,7 +104,7 @@ def train(
     result = TrainResult(steps=start, history=history, resumed_from=start)
     tic = time.perf_counter()
     bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, initial=start,
-               total=config.steps, mininterval=1.0)
+               total=config.steps, mininterval=5.0)
     model.train()
     for step in bar:
         generator = step_generator(config.seed, step)

@@ -1,0 +1,1 @@
+"""The marflow experiment harness: tiers, configs from params.yaml, metrics, references, stages."""

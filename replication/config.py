@@ -1,0 +1,114 @@
+"""Typed, validated views of ``params.yaml`` sections.
+
+Every section maps one-to-one onto a dataclass. Construction validates: an unknown key or a bad value
+raises ``ConfigError`` naming the full key path and the value (``toy2d_train.steps = -5: must be
+>= 1``), so a stage stops before doing any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad ``params.yaml`` entry; the message names the key path and the value."""
+
+
+def fail(where: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{where} = {value!r}: {why}")
+
+
+def require(ok: bool, where: str, value: Any, why: str) -> None:
+    if not ok:
+        fail(where, value, why)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole ``params.yaml`` as a dict."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently coerce int -> float) ``value`` against a type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        fail(where, value, f"expected {hint}")
+    if origin in (list, tuple):
+        require(isinstance(value, list | tuple), where, value, "expected a list")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        require(isinstance(value, dict), where, value, "expected a mapping")
+        _, item = typing.get_args(hint)
+        return {k: _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is Any:
+        return value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        require(ok, where, value, "expected a number")
+        return float(value)
+    if hint is int:
+        require(isinstance(value, int) and not isinstance(value, bool), where, value, "expected an integer")
+        return value
+    if hint is bool:
+        require(isinstance(value, bool), where, value, "expected true or false")
+        return value
+    if hint is str:
+        require(isinstance(value, str), where, value, "expected a string")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and bad values raise ``ConfigError``."""
+    require(isinstance(data, dict), where, data, f"expected a mapping for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        fail(f"{where}.{unknown[0]}", data[unknown[0]], f"unknown key; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            fail(f"{where}.{name}", None, "required key is missing")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where)
+    return obj
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively by ``override`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,47 @@
+"""Helpers for the thin notebooks: load validated configs, write metrics and figures atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from marflow_core.atomic import atomic_write_text
+
+from .config import load_params
+from .toy2d import config as toy_cfg
+
+
+def stage_configs(params: dict[str, Any] | None, sections: list[str], path: str = "params.yaml"):
+    """Validated dataclasses of ``sections``; ``params`` None (interactive use) reads ``params.yaml``."""
+    params = load_params(path) if params is None else params
+    return tuple(toy_cfg.section(params, name) for name in sections)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    """Atomic, sorted-keys JSON (non-finite floats become null)."""
+    atomic_write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n", path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 130) -> None:
+    """Save a matplotlib figure as PNG with fixed metadata, so reruns give identical bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+
+
+def setup_plotting() -> None:
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")

@@ -1,0 +1,136 @@
+"""Builds the 2-D tier's pieces from configs: teacher, students, objectives, training, loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from marflow_core import (
+    DistillationObjective,
+    GaussianMixtureTeacher,
+    MAConfig,
+    PeRFlowSampler,
+    ReflowPairSampler,
+    TimeMLP,
+    TimeWindows,
+    TrainConfig,
+    generate_reflow_pairs,
+    load_checkpoint,
+    load_pairs,
+    train,
+)
+
+from .config import StudentConfig, Toy2DConfig, TrainStageConfig
+
+DIM = 2
+
+
+def make_teacher(cfg: Toy2DConfig) -> GaussianMixtureTeacher:
+    m = cfg.mixture
+    return GaussianMixtureTeacher(m.weights, m.means, m.stds, device=cfg.device)
+
+
+def make_model(train_cfg: TrainStageConfig, device: str = "cpu") -> TimeMLP:
+    m = train_cfg.model
+    return TimeMLP(DIM, m.hidden, m.depth, m.time_dim).to(device)
+
+
+def ma_config(train_cfg: TrainStageConfig, student: StudentConfig) -> MAConfig | None:
+    if not student.ma:
+        return None
+    p = train_cfg.ma
+    weight = p.weight if student.ma_weight is None else student.ma_weight
+    return MAConfig(weight=weight, substeps=p.substeps, solver=p.solver, divergence=p.divergence,
+                    n_probes=p.n_probes, probe_kind=p.probe_kind,
+                    normalize_by_dim=p.normalize_by_dim, every=p.every, logdet=p.logdet)
+
+
+@dataclass
+class TrainedStudent:
+    name: str
+    config: StudentConfig
+    model: TimeMLP
+    windows: TimeWindows
+    history: list[dict[str, float]]
+
+
+def build_objective(
+    student: StudentConfig,
+    train_cfg: TrainStageConfig,
+    teacher: GaussianMixtureTeacher,
+    pair_dir: Path,
+    progress: bool = True,
+):
+    """(objective, batch_fn) for one student. Reflow reads the pair bank; PeRFlow draws fresh data."""
+    windows = TimeWindows(student.windows)
+    if student.method == "reflow":
+        p = train_cfg.reflow_pairs
+        paths = generate_reflow_pairs(teacher, pair_dir, p.n_pairs, p.shard_size, (DIM,),
+                                      steps=p.steps, method=p.solver, progress=progress)
+        x0, x1 = load_pairs(paths)
+        sampler = ReflowPairSampler(x0.to(teacher.means.device), x1.to(teacher.means.device),
+                                    train_cfg.batch_size)
+        batch_fn = lambda step, gen: None  # noqa: E731  (the pair bank is the data)
+    else:
+        p = train_cfg.perflow
+        sampler = PeRFlowSampler(windows, teacher, p.teacher_steps, p.solver, p.start)
+        batch_fn = lambda step, gen: teacher.sample(train_cfg.batch_size, 1.0, gen)  # noqa: E731
+    return DistillationObjective(sampler, teacher, ma_config(train_cfg, student)), batch_fn
+
+
+def prepare_run_dir(path: Path, fingerprint: dict) -> None:
+    """Keep ``path``'s files (to resume) only if they were made with the same ``fingerprint``."""
+    stamp = path / "fingerprint.json"
+    text = json.dumps(fingerprint, indent=1, sort_keys=True)
+    if path.exists() and (not stamp.exists() or stamp.read_text() != text):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(text)
+
+
+def train_student(
+    name: str,
+    student: StudentConfig,
+    train_cfg: TrainStageConfig,
+    toy: Toy2DConfig,
+    checkpoint_root: Path,
+    progress: bool = True,
+):
+    """Train (or resume) one student into ``checkpoint_root/<name>/``; same init seed for every student."""
+    teacher = make_teacher(toy)
+    base = {"toy2d": asdict(toy), "model": asdict(train_cfg.model)}
+    pair_dir = checkpoint_root / "reflow_pairs"
+    if student.method == "reflow":
+        prepare_run_dir(pair_dir, {**base, "pairs": asdict(train_cfg.reflow_pairs)})
+    prepare_run_dir(checkpoint_root / name, {
+        **base, "student": asdict(student),
+        "train": {k: v for k, v in asdict(train_cfg).items()
+                  if k != "students" and (k != "ma" or student.ma)}})
+    objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress)
+    torch.manual_seed(toy.seed)
+    model = make_model(train_cfg, toy.device)
+    cfg = TrainConfig(steps=train_cfg.steps, lr=train_cfg.lr, seed=toy.seed,
+                      checkpoint_every=train_cfg.checkpoint_every,
+                      snapshot_every=train_cfg.snapshot_every, log_every=train_cfg.log_every,
+                      warmup=train_cfg.warmup, grad_clip=train_cfg.grad_clip)
+    result = train(model, objective, batch_fn, cfg, checkpoint_root / name, progress, desc=name)
+    return result
+
+
+def load_student(
+    name: str, train_cfg: TrainStageConfig, checkpoint_root: Path, checkpoint: str = "last.pt",
+    device: str = "cpu",
+) -> TrainedStudent:
+    """A trained student from ``checkpoint_root/<name>/<checkpoint>``, in eval mode."""
+    student = train_cfg.students[name]
+    path = checkpoint_root / name / checkpoint
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint {path}: run the toy2d_train stage first (dvc repro)")
+    model = make_model(train_cfg, device)
+    state = load_checkpoint(path, model)
+    model.eval().requires_grad_(False)
+    return TrainedStudent(name, student, model, TimeWindows(student.windows), state["history"])
