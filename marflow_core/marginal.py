@@ -22,7 +22,6 @@ from .logdensity import DIVERGENCE_KINDS, euler_map_with_logdet, flow_with_logde
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 
-
 LOGDET_MODES: tuple[str, ...] = ("continuous", "discrete")
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 
 from replication.notebook import save_figure, save_json, setup_plotting, stage_configs

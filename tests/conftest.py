@@ -7,6 +7,10 @@ threads contending with another process make them ~50x slower) and restores the 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang without network
+
 import pytest
 import torch
 

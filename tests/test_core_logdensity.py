@@ -104,7 +104,7 @@ def test_hutchinson_on_general_linear_field():
     nearest = (out.logdet[:, None] - support[None, :]).abs().min(1).values
     assert float(nearest.max()) < 1e-12
     assert len(torch.unique(out.logdet.round(decimals=9))) > 1
-    # unbiased: variance of e^T A e for Rademacher e is 2 sum_{i<j} (A_ij + A_ji)^2 / 2 ... computed
+    # unbiased: Var(e^T A e) = 2 sum_{i != j} S_ij^2 for Rademacher e, S = (A + A^T) / 2
     sym = 0.5 * (a + a.T)
     var = 2 * (sym.pow(2).sum() - sym.diagonal().pow(2).sum()) * t_len**2
     se = math.sqrt(float(var) / n)

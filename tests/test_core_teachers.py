@@ -120,6 +120,10 @@ def test_samples_match_closed_form_moments(gmm3d):
     emp_cov = torch.cov(x.T)
     se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / n).sqrt()
     assert torch.all((emp_cov - cov).abs() < 6 * se_cov), (emp_cov - cov) / se_cov
+    # within each component, (x - t mu_i) / sqrt(var_i) is N(0, I): a sharper check of the spread
+    z = (x - t * mu[idx]) / var[idx].sqrt()[:, None]
+    assert torch.all(z.mean(0).abs() < 5 / math.sqrt(n))
+    assert abs(float(z.pow(2).mean()) - 1) < 5 * math.sqrt(2 / (3 * n))
     freq = torch.bincount(idx, minlength=3).double() / n
     assert torch.all((freq - w).abs() < 5 * (w * (1 - w) / n).sqrt())
 

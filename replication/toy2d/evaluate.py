@@ -16,7 +16,15 @@ from marflow_core import (
 from marflow_core.reflow import teacher_pairs
 
 from .config import EvalConfig
-from .metrics import as_row, eval_tm_loss, kl_tv, mmd_rbf, mode_mass, sampler_densities, sliced_wasserstein
+from .metrics import (
+    as_row,
+    eval_tm_loss,
+    kl_tv,
+    mmd_rbf,
+    mode_mass,
+    sampler_densities,
+    sliced_wasserstein,
+)
 from .tier import DIM, TrainedStudent
 
 

@@ -1,0 +1,109 @@
+"""params.yaml validation: bad values stop a stage before any work, naming the key and the value."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from replication.config import ConfigError, load_params
+from replication.profile import apply_profile
+from replication.stage import STAGES, main
+from replication.toy2d import config as toy_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params() -> dict:
+    return load_params(ROOT / "params.yaml")
+
+
+def test_committed_params_and_profiles_are_valid(params, tmp_path):
+    for name in toy_cfg.SECTIONS:
+        toy_cfg.section(params, name)
+    for stage in STAGES.values():
+        stage.validate(params)
+    tiny_path = tmp_path / "params.yaml"
+    tiny_path.write_text((ROOT / "params.yaml").read_text())
+    merged = apply_profile("tiny", tiny_path, ROOT / "profiles")
+    assert merged["profile"] == "tiny"
+    assert load_params(tiny_path)["toy2d_train"]["steps"] < params["toy2d_train"]["steps"]
+
+
+BAD_VALUES = [
+    (("toy2d_train", "steps"), -5, "toy2d_train.steps = -5"),
+    (("toy2d_train", "students", "perflow", "windows"), 0, "toy2d_train.students.perflow.windows = 0"),
+    (("toy2d_train", "students", "perflow", "method"), "flowmatch",
+     "toy2d_train.students.perflow.method = 'flowmatch'"),
+    (("toy2d_train", "ma", "weight"), -0.5, "toy2d_train.ma.weight = -0.5"),
+    (("toy2d_train", "students", "reflow_ma", "ma_weight"), -1.0,
+     "toy2d_train.students.reflow_ma.ma_weight = -1.0"),
+    (("toy2d_train", "perflow", "teacher_steps"), 0, "toy2d_train.perflow.teacher_steps = 0"),
+    (("toy2d_eval", "nfe"), [1, -2], "toy2d_eval.nfe = [1, -2]"),
+    (("toy2d_train", "lr"), "fast", "toy2d_train.lr = 'fast'"),
+    (("toy2d_train", "stepz"), 10, "toy2d_train.stepz = 10"),
+]
+
+
+def _set(d: dict, keys: tuple[str, ...], value) -> dict:
+    d = copy.deepcopy(d)
+    node = d
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(("keys", "value", "expected"), BAD_VALUES)
+def test_bad_values_name_key_and_value(params, keys, value, expected):
+    bad = _set(params, keys, value)
+    with pytest.raises(ConfigError) as err:
+        STAGES["fig1_mog"].validate(bad) if keys[0] == "toy2d_eval" else STAGES["toy2d_train"].validate(bad)
+    assert expected in str(err.value)
+
+
+def test_stage_stops_before_any_work(params, tmp_path, capsys, monkeypatch):
+    bad = _set(params, ("toy2d_train", "steps"), -5)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    monkeypatch.setattr("replication.stage.REPO_ROOT", tmp_path)
+    assert main(["toy2d_train", "--params", str(path)]) == 2
+    assert "toy2d_train.steps = -5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_unknown_student_in_eval_stage_is_named(params):
+    bad = _set(params, ("fig1_mog", "students_show"), ["perflow", "nosuch"])
+    with pytest.raises(ConfigError, match=r"fig1_mog.students\[1\] = 'nosuch'"):
+        STAGES["fig1_mog"].validate(bad)
+
+
+def test_unknown_profile_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="profile = 'huge'"):
+        apply_profile("huge", tmp_path / "params.yaml", ROOT / "profiles")
+
+
+def test_command_line_exit_code_and_message(params, tmp_path):
+    bad = _set(params, ("toy2d_train", "ma", "weight"), -1)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, "-m", "replication.stage", "toy2d_train", "--params", str(path),
+                           "--check-only"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "toy2d_train.ma.weight = -1" in proc.stderr
+
+
+def test_dvc_stages_match_the_stage_runner():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(dvc) == set(STAGES)
+    for name, stage in dvc.items():
+        spec = STAGES[name]
+        assert stage["cmd"] == f"python -m replication.stage {name}"
+        assert spec.notebook in stage["deps"], f"{name}: notebook is not a dependency"
+        assert set(spec.sections) <= set(stage["params"]), f"{name}: params sections missing"
+        assert (ROOT / spec.notebook).exists()
