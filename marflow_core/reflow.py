@@ -58,6 +58,7 @@ def generate_reflow_pairs(
     method: str = "rk4",
     device: torch.device | str = "cpu",
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
     """Write ``ceil(n_pairs / shard_size)`` shards of teacher pairs to ``out_dir``; skip existing ones.
 
@@ -75,7 +76,8 @@ def generate_reflow_pairs(
         path = out / SHARD_PATTERN.format(seed=seed)
         size = min(shard_size, n_pairs - shard * shard_size)
         if not _shard_matches(path, size, steps, method):
-            x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, device=device)
+            x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, dtype=dtype,
+                                   device=device)
             atomic_torch_save({"x0": x0.cpu(), "x1": x1.cpu(), "seed": seed, "steps": steps,
                                "method": method}, path)
         paths.append(path)

@@ -116,8 +116,13 @@ def train(
             )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"{desc}: non-finite gradient norm at step {step} (loss {terms.parts}); stopped "
+                f"before the update, last good checkpoint kept in {ckpt_dir}"
+            )
         if config.warmup:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)

@@ -105,6 +105,26 @@ def test_non_finite_loss_raises_before_the_update(setup, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in clean.state_dict().items())
 
 
+def test_non_finite_gradient_raises_before_the_update(setup, tmp_path):
+    """A finite loss with an infinite gradient (sqrt at 0) must not reach the weights."""
+    objective, batch_fn = setup
+
+    def sqrt_at_zero(model, batch, step, generator):
+        terms = objective(model, batch, step, generator)
+        if step == 3:
+            first = next(model.parameters()).sum()
+            terms.total = terms.total + torch.sqrt(first - first.detach())  # value 0, gradient inf
+        return terms
+
+    model = _model()
+    with pytest.raises(NonFiniteLossError, match="gradient norm at step 3"):
+        train(model, sqrt_at_zero, batch_fn, _config(), tmp_path, progress=False)
+    clean = _model()
+    train(clean, objective, batch_fn, _config(steps=3), None, progress=False)
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in clean.state_dict().items())
+
+
 def test_only_final_checkpoint_files_exist(setup, tmp_path):
     objective, batch_fn = setup
     cfg = _config(steps=20, checkpoint_every=7, snapshot_every=10)
