@@ -133,8 +133,10 @@ for ax, row in zip(axes[0], summary.itertuples(), strict=True):
                              "final TV\n(ODE)", "sum sqrt(R_k/2)\n(estimator A)"], fontsize=8)
     ax.set_title(row.student)
     ax.legend(fontsize=7, loc="upper left")
+    ax.axvline(2.5, color="0.3", lw=0.8, ls=":")
 axes[0][0].set_ylabel("total variation")
-fig.suptitle("Telescoping bound: each bar bounds the bar to its left (same family)", y=1.02)
+fig.suptitle("Telescoping bound. Sampler: final TV <= sum local TV <= sum sqrt(KL_k/2);  "
+             "student ODE: final TV <= sum sqrt(R_k/2)", y=1.02, fontsize=11)
 fig.tight_layout()
 save_figure(fig, out / "tv_bound.png")
 plt.show()
