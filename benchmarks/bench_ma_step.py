@@ -3,7 +3,8 @@
 One run measures (CPU by default):
 
 * one full training step (sample a window batch, forward, backward, grad clip, Adam) for PeRFlow
-  alone and for PeRFlow + MA (``MAConfig()`` defaults: 2 Euler sub-steps, exact trace), with a
+  alone, for PeRFlow + MA (``MAConfig()`` defaults: 2 Euler sub-steps, exact trace) and for the
+  2-D tier's MA setting (one Euler sub-step, exact discrete log-det), with a
   ``TimeMLP(2, 128, 3)`` student, the exact Gaussian-mixture teacher, batch 512, ``TimeWindows(4)``
   and a ``PeRFlowSampler`` (rk4, M = 4);
 * ``exact_divergence`` vs ``hutchinson_divergence`` (one probe) on the same model, evaluation-only
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = PeRFlowSampler(windows, teacher, teacher_steps=4, solver="rk4", start="noised_data")
     results: dict[str, dict[str, float]] = {}
 
-    for name, ma in [("perflow step", None), ("perflow+MA step", MAConfig())]:
+    cases = [("perflow step", None), ("perflow+MA step", MAConfig()),
+             ("perflow+MA discrete step", MAConfig(substeps=1, logdet="discrete"))]
+    for name, ma in cases:
         torch.manual_seed(0)
         model = TimeMLP(2, 128, 3)
         objective = DistillationObjective(sampler, teacher, ma)
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ratios = {
         "MA step / PeRFlow step": results["perflow+MA step"]["median_ms"] / results["perflow step"]["median_ms"],
+        "MA discrete (n=1, 2-D tier default) / PeRFlow step": (
+            results["perflow+MA discrete step"]["median_ms"] / results["perflow step"]["median_ms"]),
         "D=2 exact / Hutchinson": results["D=2 exact"]["median_ms"] / results["D=2 hutchinson"]["median_ms"],
         "D=2 exact / Hutchinson (+backward)":
             results["D=2 exact+backward"]["median_ms"] / results["D=2 hutchinson+backward"]["median_ms"],

@@ -130,7 +130,7 @@ def train(
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             history.append({"step": done, **terms.parts})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
         if ckpt_dir is not None:
             if done % config.checkpoint_every == 0 or done == config.steps:
                 _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config)

@@ -64,9 +64,9 @@ rows = []
 for name in train_cfg.students:
     history = load_student(name, train_cfg, ckpt).history
     for record in history:
-        for part in ("tm", "ma"):
+        for part, label in (("tm", "trajectory matching L_TM"), ("ma", "MA surrogate L_MA")):
             if part in record:
-                rows.append({"student": name, "step": record["step"], "term": part,
+                rows.append({"student": name, "step": record["step"], "term": label,
                              "value": record[part]})
 curves = pd.DataFrame(rows)
 grid = sns.relplot(data=curves, x="step", y="value", hue="student", col="term", kind="line",
@@ -78,13 +78,12 @@ save_figure(grid.figure, out / "loss_curves.png")
 plt.show()
 
 # %%
-final = curves[curves.step == curves.step.max()].pivot(index="student", columns="term", values="value")
-final["wall_seconds"] = pd.Series(wall)
-display(final)  # noqa: F821 (notebook builtin)
-save_json({"students": {name: {"final_tm": float(final.loc[name, "tm"]),
-                               "final_ma": (float(final.loc[name, "ma"]) if "ma" in final and
-                                            pd.notna(final.loc[name, "ma"]) else None),
+final = {name: load_student(name, train_cfg, ckpt).history[-1] for name in train_cfg.students}
+summary = pd.DataFrame(final).T.drop(columns="step")
+summary["wall_seconds"] = pd.Series(wall)
+display(summary)  # noqa: F821 (notebook builtin)
+save_json({"students": {name: {"final_tm": record["tm"], "final_ma": record.get("ma"),
                                "wall_seconds": round(wall[name], 1)}
-                        for name in train_cfg.students},
+                        for name, record in final.items()},
            "steps": train_cfg.steps, "batch_size": train_cfg.batch_size},
           out / "metrics.json")

@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.ticker import NullFormatter
 
 from marflow_core import flow_with_logdet, uniform_grid
 from replication.notebook import save_figure, save_json, setup_plotting, stage_configs
@@ -95,7 +96,7 @@ display(analytic)  # noqa: F821
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), sharex=True, sharey=True)
-lim = float(teacher.means.abs().max() + 4 * teacher.stds.max())
+lim = float(max(y.abs().max() for y in samples.values())) + 0.3
 for ax, (name, y) in zip(axes, samples.items(), strict=True):
     ax.scatter(y[:, 0], y[:, 1], s=2, alpha=0.3, linewidths=0)
     if name != "teacher T":
@@ -104,7 +105,7 @@ for ax, (name, y) in zip(axes, samples.items(), strict=True):
             ax.annotate("", xy=b.tolist(), xytext=a.tolist(),
                         arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 0.6, "alpha": 0.6})
     row = analytic.set_index("student").loc[name]
-    ax.set_title(f"{name}\nmatching error {row.matching_error:.3f}, KL {row.kl:.3f} ± {row.kl_se:.3f}",
+    ax.set_title(f"{name}\nmatching error {row.matching_error:.3f}, KL {row.kl:.3g} ± {row.kl_se:.2g}",
                  fontsize=10)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
@@ -161,6 +162,13 @@ if best is not None:
     ax.legend(fontsize=8)
 ax.set_xscale("log")
 ax.set_yscale("log")
+for axis in (ax.xaxis, ax.yaxis):
+    axis.set_minor_formatter(NullFormatter())
+if best is not None:
+    ax.annotate(f"TM {best['a']['tm_loss']:.4f} vs {best['b']['tm_loss']:.4f}\n"
+                f"KL {best['a']['kl']:.2f} vs {best['b']['kl']:.2f}",
+                xy=(best["b"]["tm_loss"], best["b"]["kl"]), xytext=(12, -6),
+                textcoords="offset points", fontsize=8)
 ax.set_xlabel("trajectory-matching loss (fresh data, fine teacher)")
 ax.set_ylabel(f"KL(student || teacher), {ud_cfg.nfe} NFE")
 ax.set_title("Training snapshots: TM loss does not determine the marginal")
