@@ -17,7 +17,14 @@ from typing import Protocol
 
 import torch
 
-from .divergence import Field, exact_divergence, hutchinson_divergence, sample_probes
+from .divergence import (
+    PROBE_KINDS,
+    Field,
+    exact_divergence,
+    hutchinson_divergence,
+    sample_probes,
+)
+from .errors import InvalidParameter
 from .logdensity import DIVERGENCE_KINDS, euler_map_with_logdet, flow_with_logdet
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
@@ -57,23 +64,25 @@ class MAConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("weight", self.weight, self.weight >= 0),
-            ("substeps", self.substeps, self.substeps >= 1),
-            ("solver", self.solver, self.solver in FIXED_METHODS),
-            ("divergence", self.divergence, self.divergence in DIVERGENCE_KINDS),
-            ("n_probes", self.n_probes, self.n_probes >= 1),
-            ("probe_kind", self.probe_kind, self.probe_kind in ("rademacher", "gaussian")),
-            ("every", self.every, self.every >= 1),
-            ("logdet", self.logdet, self.logdet in LOGDET_MODES),
+            ("weight", self.weight, self.weight >= 0, "lambda must be >= 0"),
+            ("substeps", self.substeps, self.substeps >= 1, "must be >= 1"),
+            ("solver", self.solver, self.solver in FIXED_METHODS, f"one of {FIXED_METHODS}"),
+            ("divergence", self.divergence, self.divergence in DIVERGENCE_KINDS,
+             f"one of {DIVERGENCE_KINDS}"),
+            ("n_probes", self.n_probes, self.n_probes >= 1, "must be >= 1"),
+            ("probe_kind", self.probe_kind, self.probe_kind in PROBE_KINDS, f"one of {PROBE_KINDS}"),
+            ("every", self.every, self.every >= 1, "must be >= 1"),
+            ("logdet", self.logdet, self.logdet in LOGDET_MODES, f"one of {LOGDET_MODES}"),
         ]
         if self.logdet == "discrete":
-            checks.append(("solver", self.solver, self.solver == "euler"))
+            checks.append(("solver", self.solver, self.solver == "euler",
+                           "the discrete log-det is exact for Euler sub-steps only"))
         if self.window_weights is not None:
-            ok = all(w >= 0 for w in self.window_weights)
-            checks.append(("window_weights", self.window_weights, ok))
-        for key, value, ok in checks:
+            checks.append(("window_weights", self.window_weights,
+                           all(w >= 0 for w in self.window_weights), "weights must be >= 0"))
+        for key, value, ok, why in checks:
             if not ok:
-                raise ValueError(f"invalid MA parameter {key}={value!r}")
+                raise InvalidParameter(key, value, why)
 
 
 def ma_surrogate(

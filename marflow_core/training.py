@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
+from .errors import InvalidParameter
 from .objectives import Objective
 
 LAST_CHECKPOINT = "last.pt"
@@ -44,14 +45,12 @@ class TrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "lr": self.lr}
-        for key, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"invalid training parameter {key}={value!r}: must be > 0")
-        for key, value in {"snapshot_every": self.snapshot_every, "warmup": self.warmup}.items():
-            if value < 0:
-                raise ValueError(f"invalid training parameter {key}={value!r}: must be >= 0")
+        for key in ("steps", "checkpoint_every", "log_every", "lr"):
+            if not getattr(self, key) > 0:
+                raise InvalidParameter(key, getattr(self, key), "must be > 0")
+        for key in ("snapshot_every", "warmup"):
+            if getattr(self, key) < 0:
+                raise InvalidParameter(key, getattr(self, key), "must be >= 0")
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from marflow_core.errors import InvalidParameter
+
 T = TypeVar("T")
 
 
@@ -96,7 +98,10 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
             kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             fail(f"{where}.{name}", None, "required key is missing")
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except InvalidParameter as err:
+        fail(f"{where}.{err.key}", err.value, err.why)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate(where)

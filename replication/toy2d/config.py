@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from marflow_core.logdensity import DIVERGENCE_KINDS
-from marflow_core.marginal import LOGDET_MODES
+from marflow_core.marginal import MAConfig
 from marflow_core.perflow import WINDOW_STARTS
 from marflow_core.solvers import FIXED_METHODS
 
@@ -83,36 +82,6 @@ class PeRFlowConfig:
 
 
 @dataclass
-class MAParams:
-    """Maps onto ``marflow_core.MAConfig``; ``weight`` is lambda."""
-
-    weight: float = 0.1
-    substeps: int = 2
-    solver: str = "euler"
-    divergence: str = "exact"
-    n_probes: int = 1
-    probe_kind: str = "rademacher"
-    normalize_by_dim: bool = True
-    every: int = 1
-    logdet: str = "continuous"
-
-    def validate(self, where: str) -> None:
-        require(self.logdet in LOGDET_MODES, f"{where}.logdet", self.logdet, f"one of {LOGDET_MODES}")
-        if self.logdet == "discrete":
-            require(self.solver == "euler", f"{where}.solver", self.solver,
-                    "the discrete log-det is exact for Euler sub-steps only")
-        require(self.weight >= 0, f"{where}.weight", self.weight, "lambda must be >= 0")
-        require(self.substeps >= 1, f"{where}.substeps", self.substeps, "must be >= 1")
-        require(self.solver in FIXED_METHODS, f"{where}.solver", self.solver, f"one of {FIXED_METHODS}")
-        require(self.divergence in DIVERGENCE_KINDS, f"{where}.divergence", self.divergence,
-                f"one of {DIVERGENCE_KINDS}")
-        require(self.n_probes >= 1, f"{where}.n_probes", self.n_probes, "must be >= 1")
-        require(self.probe_kind in ("rademacher", "gaussian"), f"{where}.probe_kind", self.probe_kind,
-                "one of ('rademacher', 'gaussian')")
-        require(self.every >= 1, f"{where}.every", self.every, "must be >= 1")
-
-
-@dataclass
 class StudentConfig:
     method: str
     windows: int = 1
@@ -141,7 +110,7 @@ class TrainStageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reflow_pairs: ReflowPairsConfig = field(default_factory=ReflowPairsConfig)
     perflow: PeRFlowConfig = field(default_factory=PeRFlowConfig)
-    ma: MAParams = field(default_factory=MAParams)
+    ma: MAConfig = field(default_factory=MAConfig)
     students: dict[str, StudentConfig] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,13 +40,12 @@ def make_model(train_cfg: TrainStageConfig, device: str = "cpu") -> TimeMLP:
 
 
 def ma_config(train_cfg: TrainStageConfig, student: StudentConfig) -> MAConfig | None:
+    """The shared MA settings, with the student's own ``ma_weight`` if it sets one."""
     if not student.ma:
         return None
-    p = train_cfg.ma
-    weight = p.weight if student.ma_weight is None else student.ma_weight
-    return MAConfig(weight=weight, substeps=p.substeps, solver=p.solver, divergence=p.divergence,
-                    n_probes=p.n_probes, probe_kind=p.probe_kind,
-                    normalize_by_dim=p.normalize_by_dim, every=p.every, logdet=p.logdet)
+    if student.ma_weight is None:
+        return train_cfg.ma
+    return replace(train_cfg.ma, weight=student.ma_weight)
 
 
 @dataclass
