@@ -110,6 +110,6 @@ class ReflowPairSampler:
         del batch  # the pair bank is the data
         idx = torch.randint(0, len(self.x0), (self.batch_size,), generator=generator)
         x0, x1 = self.x0[idx], self.x1[idx]
-        t = torch.rand(self.batch_size, generator=generator, dtype=x0.dtype)
+        t = torch.rand(self.batch_size, generator=generator, dtype=x0.dtype).to(x0.device)
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
         return WindowBatch(x0, x1, torch.zeros_like(idx), t, zeros, ones)

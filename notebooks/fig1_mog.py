@@ -86,7 +86,7 @@ display(kl_text)  # noqa: F821
 # %%
 x0 = eval_noise(eval_cfg, fig_cfg.n_show)
 panels = {"teacher (exact)": (teacher_paths(teacher, x0, 32))}
-for name in fig_cfg.students_show:
+for name in fig_cfg.students:
     panels[f"{name}, {fig_cfg.nfe_show} NFE"] = student_paths(students[name], x0, fig_cfg.nfe_show)
 
 lim = float(teacher.means.abs().max() + 4 * teacher.stds.max())

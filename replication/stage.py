@@ -29,8 +29,7 @@ def _toy2d_cross_checks(params: dict[str, Any]) -> None:
     for name in ("fig1_mog", "underdetermination", "tv_bound"):
         if name in params:
             cfg = toy_cfg.section(params, name)
-            toy_cfg.check_students_exist(cfg.students if hasattr(cfg, "students") else
-                                         cfg.students_show, train, f"{name}.students")
+            toy_cfg.check_students_exist(cfg.students, train, f"{name}.students")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def test_stage_stops_before_any_work(params, tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_student_in_eval_stage_is_named(params):
-    bad = _set(params, ("fig1_mog", "students_show"), ["perflow", "nosuch"])
+    bad = _set(params, ("fig1_mog", "students"), ["perflow", "nosuch"])
     with pytest.raises(ConfigError, match=r"fig1_mog.students\[1\] = 'nosuch'"):
         STAGES["fig1_mog"].validate(bad)
 

@@ -147,7 +147,7 @@ class Fig1Config:
     nfe_show: int = 4
     n_show: int = 4000
     n_trajectories: int = 150
-    students_show: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
+    students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
         require(self.nfe_show >= 1, f"{where}.nfe_show", self.nfe_show, "must be >= 1")

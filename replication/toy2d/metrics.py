@@ -61,7 +61,7 @@ def sampler_densities(
     model: Field, windows: TimeWindows, n_steps: int, x0: torch.Tensor, teacher: GaussianMixtureTeacher
 ) -> MapDensities:
     """The ``n_steps`` Euler sampler from ``x0 ~ N(0, I)``: exact ``log q`` and the teacher's ``log p_1``."""
-    grid = windows.step_grid(n_steps, strict=False).to(x0.dtype)
+    grid = windows.step_grid(n_steps, strict=False).to(dtype=x0.dtype, device=x0.device)
     flow = euler_map_with_logdet(model, x0, grid)
     log_q = standard_normal_log_prob(x0) - flow.logdet
     return MapDensities(flow.x, log_q, teacher.log_prob(flow.x, 1.0), flow.n_folded)
@@ -73,7 +73,7 @@ def window_densities(
 ) -> MapDensities:
     """One window: ``x ~ p^T_{t_start}`` exactly, ``y = Euler map``; ``log p`` is ``p^T_{t_end}``."""
     x = teacher.sample(n, t_start, generator)
-    grid = torch.linspace(t_start, t_end, steps + 1, dtype=x.dtype)
+    grid = torch.linspace(t_start, t_end, steps + 1, dtype=x.dtype, device=x.device)
     flow = euler_map_with_logdet(model, x, grid)
     log_q = teacher.log_prob(x, t_start) - flow.logdet
     return MapDensities(flow.x, log_q, teacher.log_prob(flow.x, t_end), flow.n_folded)
