@@ -44,9 +44,13 @@ class WindowBatchSampler(Protocol):
     def __call__(self, batch, generator: torch.Generator | None) -> WindowBatch: ...
 
 
-def trajectory_matching_loss(model: Field, wb: WindowBatch) -> torch.Tensor:
-    """``L_TM = mean ||v_theta(x_t, t) - (y_T - x_s)/(t_{k+1} - t_k)||^2``, averaged over batch and dims."""
-    return (model(wb.point(), wb.t) - wb.target()).pow(2).mean()
+def trajectory_matching_loss(model: Field, wb: WindowBatch, per_sample: bool = False) -> torch.Tensor:
+    """``L_TM = mean ||v_theta(x_t, t) - (y_T - x_s)/(t_{k+1} - t_k)||^2``, averaged over batch and dims.
+
+    ``per_sample`` returns the ``(B,)`` per-sample means over dims instead (for error bars).
+    """
+    sq = (model(wb.point(), wb.t) - wb.target()).pow(2)
+    return sq.flatten(1).mean(1) if per_sample else sq.mean()
 
 
 @torch.no_grad()

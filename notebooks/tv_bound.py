@@ -22,9 +22,10 @@
 # Every term is computed on the exact tier:
 # * **sampler** (the few-step student, `steps_per_window` Euler steps per window): final TV and local
 #   TV / KL exactly by change of variables (lower bounds where a step folds);
-# * **student ODE** (`ode_substeps` RK4 sub-steps per window): `R_k` from the MA value estimator (A),
-#   `E int [-div delta - s_T . delta] ds` with `delta = v_student - v_teacher`, and the final TV of a
-#   fine Euler discretisation of the same ODE for comparison. The MA regularizer is a reconstruction.
+# * **student ODE**: `R_k` from the MA value estimator (A), `E int [-div delta - s_T . delta] ds` with
+#   `delta = v_student - v_teacher`, integrated with `ode_substeps` RK4 steps per window; and, for
+#   comparison, the exact local KL and the final TV of a fine Euler discretisation of the same ODE
+#   (`ode_euler_steps` per window). The MA regularizer is a reconstruction.
 
 # %% tags=["parameters"]
 params = None
@@ -62,13 +63,13 @@ def sampler_divergences(student, n_steps, x0):
 # %%
 window_rows, summary_rows = [], []
 for name in tv_cfg.students:
-    student = load_student(name, train_cfg, ckpt)
+    student = load_student(name, train_cfg, ckpt, device=toy.device)
     bounds = student.windows.boundaries().tolist()
     for k, (ta, tb) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         gen = torch.Generator().manual_seed(eval_cfg.seed + 10 + k)
         local = window_densities(student.model, teacher, ta, tb, tv_cfg.steps_per_window, n, gen)
         div = kl_tv(local.log_q, local.log_p)
-        local_ode = window_densities(student.model, teacher, ta, tb, tv_cfg.ode_substeps * 4, n,
+        local_ode = window_densities(student.model, teacher, ta, tb, tv_cfg.ode_euler_steps, n,
                                      torch.Generator().manual_seed(eval_cfg.seed + 10 + k))
         div_ode = kl_tv(local_ode.log_q, local_ode.log_p)
         x_start = teacher.sample(n, ta, torch.Generator().manual_seed(eval_cfg.seed + 10 + k))
@@ -82,10 +83,10 @@ for name in tv_cfg.students:
             "ode_local_kl": div_ode["kl"].value, "ode_local_kl_se": div_ode["kl"].stderr,
             "R_k_estimator_A": r_k.value, "R_k_se": r_k.stderr,
         })
-    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(eval_cfg.seed))
+    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(eval_cfg.seed)).to(toy.device)
     n_windows = student.windows.n_windows
     final = sampler_divergences(student, tv_cfg.steps_per_window * n_windows, x0)
-    final_ode = sampler_divergences(student, tv_cfg.ode_substeps * 4 * n_windows, x0)
+    final_ode = sampler_divergences(student, tv_cfg.ode_euler_steps * n_windows, x0)
     w = pd.DataFrame([r for r in window_rows if r["student"] == name])
     summary_rows.append({
         "student": name,

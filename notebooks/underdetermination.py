@@ -60,8 +60,10 @@ teacher = make_teacher(toy)
 
 # %%
 x0 = torch.randn(ud_cfg.n_samples, 2, generator=torch.Generator().manual_seed(eval_cfg.seed))
+x0 = x0.to(toy.device)
 angle = math.radians(ud_cfg.rotation_degrees)
-rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+                        device=toy.device)
 grid = uniform_grid(0.0, 1.0, ud_cfg.teacher_steps, x0)
 
 
@@ -75,7 +77,7 @@ y_teacher, logdet_teacher = teacher_map(x0)
 x_rot = x0 @ rotation.T
 y_rotated, logdet_rotated = teacher_map(x_rot)
 mse_rotated = float((y_rotated - y_teacher).pow(2).sum(-1).mean())
-shift = torch.tensor([1.0, 0.0]) * math.sqrt(mse_rotated)
+shift = torch.tensor([1.0, 0.0], device=toy.device) * math.sqrt(mse_rotated)
 y_shifted = y_teacher + shift
 
 # log q at each student's own samples (change of variables; |det R| = 1, a shift has det 1)
@@ -98,10 +100,11 @@ display(analytic)  # noqa: F821
 fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), sharex=True, sharey=True)
 lim = float(max(y.abs().max() for y in samples.values())) + 0.3
 for ax, (name, y) in zip(axes, samples.items(), strict=True):
+    y = y.cpu()
     ax.scatter(y[:, 0], y[:, 1], s=2, alpha=0.3, linewidths=0)
     if name != "teacher T":
         k = 60
-        for a, b in zip(y_teacher[:k], y[:k], strict=True):
+        for a, b in zip(y_teacher[:k].cpu(), y[:k], strict=True):
             ax.annotate("", xy=b.tolist(), xytext=a.tolist(),
                         arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 0.6, "alpha": 0.6})
     row = analytic.set_index("student").loc[name]
@@ -121,16 +124,18 @@ plt.show()
 # %%
 ckpt = Path(checkpoint_dir)
 snap_rows = []
+x0 = x0[: eval_cfg.n_samples]
 for name in ud_cfg.students:
     for path in sorted((ckpt / name).glob("step_*.pt")):
-        student = load_student(name, train_cfg, ckpt, path.name)
+        student = load_student(name, train_cfg, ckpt, path.name, device=toy.device)
         dens = sampler_densities(student.model, student.windows, ud_cfg.nfe,
-                                 x0[: eval_cfg.n_samples], teacher)
+                                 x0, teacher)
         div = kl_tv(dens.log_q, dens.log_p)
+        tm = tm_loss_exact_teacher(student, teacher, eval_cfg)
         snap_rows.append({"student": name, "step": int(path.stem.split("_")[1]),
-                          "tm_loss": tm_loss_exact_teacher(student, teacher, eval_cfg),
+                          "tm_loss": tm.value, "tm_loss_se": tm.stderr,
                           "kl": div["kl"].value, "kl_se": div["kl"].stderr,
-                          "folded": dens.n_folded / len(x0)})
+                          "folded": dens.n_folded / len(dens.y)})
 snapshots = pd.DataFrame(snap_rows)
 display(snapshots)  # noqa: F821
 
@@ -144,17 +149,20 @@ for i, a in enumerate(records):
         close = abs(a["tm_loss"] - b["tm_loss"]) <= 0.05 * min(a["tm_loss"], b["tm_loss"])
         ratio = max(a["kl"], b["kl"]) / max(min(a["kl"], b["kl"]), 1e-12)
         if close and (best is None or ratio > best["kl_ratio"]):
-            best = {"a": a, "b": b, "kl_ratio": ratio}
+            gap_in_se = abs(a["tm_loss"] - b["tm_loss"]) / math.hypot(a["tm_loss_se"], b["tm_loss_se"])
+            best = {"a": a, "b": b, "kl_ratio": ratio, "tm_gap_in_standard_errors": gap_in_se}
 if best is None:
     print("no two snapshots have trajectory-matching losses within 5% of each other")
 else:
     print(f"{best['a']['student']}@{best['a']['step']} vs {best['b']['student']}@{best['b']['step']}: "
           f"TM {best['a']['tm_loss']:.4f} vs {best['b']['tm_loss']:.4f}, "
-          f"KL {best['a']['kl']:.3f} vs {best['b']['kl']:.3f} (ratio {best['kl_ratio']:.2f})")
+          f"KL {best['a']['kl']:.3f} vs {best['b']['kl']:.3f} (ratio {best['kl_ratio']:.2f}); "
+          f"the TM gap is {best['tm_gap_in_standard_errors']:.1f} standard errors")
 
 fig, ax = plt.subplots(figsize=(6.2, 4.4))
 sns.scatterplot(data=snapshots, x="tm_loss", y="kl", hue="student", style="student", s=60, ax=ax)
-ax.errorbar(snapshots.tm_loss, snapshots.kl, yerr=snapshots.kl_se, fmt="none", ecolor="0.5", lw=0.8)
+ax.errorbar(snapshots.tm_loss, snapshots.kl, xerr=snapshots.tm_loss_se, yerr=snapshots.kl_se, fmt="none",
+            ecolor="0.5", lw=0.8)
 if best is not None:
     pts = [best["a"], best["b"]]
     ax.plot([p["tm_loss"] for p in pts], [p["kl"] for p in pts], "k--", lw=1,

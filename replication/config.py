@@ -49,12 +49,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _check_type(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         fail(where, value, f"expected {hint}")
     if origin in (list, tuple):
         require(isinstance(value, list | tuple), where, value, "expected a list")

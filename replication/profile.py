@@ -1,5 +1,7 @@
-"""Switch the active profile: ``python -m replication.profile tiny`` deep-merges ``profiles/tiny.yaml``
-over ``params.yaml`` (the default profile) and writes the result to ``params.yaml``.
+"""Switch the active profile: ``python -m replication.profile tiny``.
+
+It deep-merges ``replication/profiles/tiny.yaml`` over ``params.yaml`` (the default profile) and
+writes the result to ``params.yaml``.
 
 ``git checkout params.yaml`` returns to the default profile. Unknown keys in a profile are rejected
 by the same validation as ``params.yaml`` itself, naming the key.
@@ -18,7 +20,7 @@ from marflow_core.atomic import atomic_write_text
 from .config import ConfigError, deep_merge, load_params
 from .toy2d import config as toy_cfg
 
-PROFILES_DIR = Path("profiles")
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 def apply_profile(name: str, params_path: Path = Path("params.yaml"),
@@ -40,7 +42,7 @@ def apply_profile(name: str, params_path: Path = Path("params.yaml"),
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("profile", help="a file name in profiles/ without .yaml, e.g. tiny")
+    parser.add_argument("profile", help="a file name in replication/profiles/ without .yaml, e.g. tiny")
     parser.add_argument("--params", default="params.yaml", type=Path)
     args = parser.parse_args(argv)
     try:

@@ -18,18 +18,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_params
+from .config import ConfigError, load_params, require
 from .toy2d import config as toy_cfg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _toy2d_cross_checks(params: dict[str, Any]) -> None:
+    """Checks that span sections: named students exist, and each stage gets what it will use."""
     train = toy_cfg.section(params, "toy2d_train")
     for name in ("fig1_mog", "underdetermination", "tv_bound"):
         if name in params:
             cfg = toy_cfg.section(params, name)
             toy_cfg.check_students_exist(cfg.students, train, f"{name}.students")
+    if "fig1_mog" in params:
+        nfe_show = toy_cfg.section(params, "fig1_mog").nfe_show
+        nfe = toy_cfg.section(params, "toy2d_eval").nfe
+        require(nfe_show in nfe, "fig1_mog.nfe_show", nfe_show, f"must be one of toy2d_eval.nfe {nfe}")
+    if "underdetermination" in params:
+        require(0 < train.snapshot_every <= train.steps, "toy2d_train.snapshot_every",
+                train.snapshot_every, "the underdetermination stage needs snapshots: 1..steps")
 
 
 @dataclass

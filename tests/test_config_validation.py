@@ -30,7 +30,7 @@ def test_committed_params_and_profiles_are_valid(params, tmp_path):
         stage.validate(params)
     tiny_path = tmp_path / "params.yaml"
     tiny_path.write_text((ROOT / "params.yaml").read_text())
-    merged = apply_profile("tiny", tiny_path, ROOT / "profiles")
+    merged = apply_profile("tiny", tiny_path, ROOT / "replication" / "profiles")
     assert merged["profile"] == "tiny"
     assert load_params(tiny_path)["toy2d_train"]["steps"] < params["toy2d_train"]["steps"]
 
@@ -77,6 +77,21 @@ def test_stage_stops_before_any_work(params, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
+CROSS_SECTION = [
+    (("fig1_mog", "nfe_show"), 3, "fig1_mog.nfe_show = 3", "fig1_mog"),
+    (("toy2d_train", "snapshot_every"), 0, "toy2d_train.snapshot_every = 0", "underdetermination"),
+    (("toy2d_train", "ma", "window_weights"), [1.0, 2.0], "toy2d_train.ma.window_weights = [1.0, 2.0]",
+     "toy2d_train"),
+]
+
+
+@pytest.mark.parametrize(("keys", "value", "expected", "stage"), CROSS_SECTION)
+def test_cross_section_values_are_checked_before_work(params, keys, value, expected, stage):
+    with pytest.raises(ConfigError) as err:
+        STAGES[stage].validate(_set(params, keys, value))
+    assert expected in str(err.value)
+
+
 def test_unknown_student_in_eval_stage_is_named(params):
     bad = _set(params, ("fig1_mog", "students"), ["perflow", "nosuch"])
     with pytest.raises(ConfigError, match=r"fig1_mog.students\[1\] = 'nosuch'"):
@@ -85,7 +100,7 @@ def test_unknown_student_in_eval_stage_is_named(params):
 
 def test_unknown_profile_is_named(tmp_path):
     with pytest.raises(ConfigError, match="profile = 'huge'"):
-        apply_profile("huge", tmp_path / "params.yaml", ROOT / "profiles")
+        apply_profile("huge", tmp_path / "params.yaml", ROOT / "replication" / "profiles")
 
 
 def test_command_line_exit_code_and_message(params, tmp_path):

@@ -120,6 +120,11 @@ class TrainStageConfig:
             require(getattr(self, key) >= 0, f"{where}.{key}", getattr(self, key), "must be >= 0")
         require(self.lr > 0, f"{where}.lr", self.lr, "must be > 0")
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
+        weights = self.ma.window_weights
+        if weights is not None:
+            for name, student in self.students.items():
+                require(not student.ma or len(weights) == student.windows, f"{where}.ma.window_weights",
+                        weights, f"needs one weight per window; student {name!r} has K = {student.windows}")
 
 
 @dataclass
@@ -173,12 +178,13 @@ class UnderdeterminationConfig:
 @dataclass
 class TVBoundConfig:
     steps_per_window: int = 1
-    ode_substeps: int = 16
+    ode_substeps: int = 16  # RK4 steps per window of the MA value estimator (A)
+    ode_euler_steps: int = 64  # Euler steps per window of the fine "student ODE" map
     n_samples: int = 20000
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
-        for key in ("steps_per_window", "ode_substeps", "n_samples"):
+        for key in ("steps_per_window", "ode_substeps", "ode_euler_steps", "n_samples"):
             require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
 
 

@@ -17,6 +17,7 @@ from marflow_core.reflow import teacher_pairs
 
 from .config import EvalConfig
 from .metrics import (
+    Estimate,
     as_row,
     eval_tm_loss,
     kl_tv,
@@ -28,14 +29,15 @@ from .metrics import (
 from .tier import DIM, TrainedStudent
 
 
-def eval_noise(cfg: EvalConfig, n: int | None = None) -> torch.Tensor:
+def eval_noise(cfg: EvalConfig, n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The shared evaluation noise ``(n, 2)``: every student maps the same ``x0``."""
-    return torch.randn(n or cfg.n_samples, DIM, generator=torch.Generator().manual_seed(cfg.seed))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.randn(n or cfg.n_samples, DIM, generator=gen).to(device)
 
 
 def tm_loss_exact_teacher(
     student: TrainedStudent, teacher: GaussianMixtureTeacher, cfg: EvalConfig
-) -> float:
+) -> Estimate:
     """``L_TM`` of a student on fresh data, with a fine (``cfg.teacher_steps`` RK4) teacher solve.
 
     Reflow students are scored on fresh teacher pairs from noise, PeRFlow students on online window
@@ -43,7 +45,8 @@ def tm_loss_exact_teacher(
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     if student.config.method == "reflow":
-        x0, x1 = teacher_pairs(teacher, cfg.tm_eval_batch, (DIM,), cfg.seed + 2, cfg.teacher_steps)
+        x0, x1 = teacher_pairs(teacher, cfg.tm_eval_batch, (DIM,), cfg.seed + 2, cfg.teacher_steps,
+                               device=teacher.means.device)
         sampler = ReflowPairSampler(x0, x1, cfg.tm_eval_batch)
         return eval_tm_loss(student.model, sampler, None, gen)
     sampler = PeRFlowSampler(student.windows, teacher, cfg.teacher_steps, "rk4", "noised_data")
@@ -54,7 +57,7 @@ def evaluate_student(
     student: TrainedStudent, teacher: GaussianMixtureTeacher, cfg: EvalConfig
 ) -> list[dict[str, object]]:
     """One row per NFE: exact KL / TV (with MC errors), mode mass, SW, MMD, folding, TM loss."""
-    x0 = eval_noise(cfg)
+    x0 = eval_noise(cfg, device=teacher.means.device)
     reference = teacher.sample(cfg.n_samples, 1.0, torch.Generator().manual_seed(cfg.seed + 3))
     tm = tm_loss_exact_teacher(student, teacher, cfg)
     rows = []
@@ -68,6 +71,7 @@ def evaluate_student(
             ma=student.config.ma, nfe=nfe, **kl_tv(dens.log_q, dens.log_p),
             folded=dens.n_folded / cfg.n_samples, crosses_windows=nfe < student.windows.n_windows,
             mode_mass_error=modes["mass_error"], off_mode=modes["off_mode"],
+            off_mode_se=modes["off_mode_se"],
             sliced_w2=sliced_wasserstein(dens.y, reference, cfg.sw_projections, gen),
             mmd2=mmd_rbf(dens.y[:m], reference[:m]), tm_loss=tm,
         ))
@@ -81,7 +85,7 @@ def reference_floor(teacher: GaussianMixtureTeacher, cfg: EvalConfig) -> dict[st
     gen = torch.Generator().manual_seed(cfg.seed + 4)
     m = cfg.mmd_samples
     return {"sliced_w2": sliced_wasserstein(b, a, cfg.sw_projections, gen), "mmd2": mmd_rbf(b[:m], a[:m]),
-            **{k: v for k, v in mode_mass(b, teacher).items() if k != "mass"}}
+            **{k: v for k, v in mode_mass(b, teacher).items() if k not in ("mass", "off_mode_se")}}
 
 
 def evaluate_all(

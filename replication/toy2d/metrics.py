@@ -87,9 +87,9 @@ def mode_mass(
     labels = teacher.responsibilities(samples, 1.0).argmax(-1)
     mass = torch.bincount(labels, minlength=teacher.n_components).to(samples.dtype) / len(samples)
     dist = (samples[:, None, :] - teacher.means[None]).norm(dim=-1) / teacher.stds[None]
-    off = (dist.min(-1).values > outlier_sigmas).to(samples.dtype).mean()
+    off = float((dist.min(-1).values > outlier_sigmas).to(samples.dtype).mean())
     return {"mass": mass.tolist(), "mass_error": float(0.5 * (mass - teacher.weights).abs().sum()),
-            "off_mode": float(off)}
+            "off_mode": off, "off_mode_se": math.sqrt(off * (1 - off) / len(samples))}
 
 
 def sliced_wasserstein(
@@ -99,7 +99,7 @@ def sliced_wasserstein(
     sorted 1-D projections, ``sqrt(mean over directions and ranks of squared gaps)``."""
     if a.shape != b.shape:
         raise ValueError(f"sliced Wasserstein needs equal shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
-    dirs = torch.randn(a.shape[1], n_projections, generator=generator, dtype=a.dtype)
+    dirs = torch.randn(a.shape[1], n_projections, generator=generator, dtype=a.dtype).to(a.device)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
     return float((pa - pb).pow(2).mean().sqrt())
@@ -119,9 +119,9 @@ def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = (0
 
 
 @torch.no_grad()
-def eval_tm_loss(model: Field, sampler: WindowBatchSampler, batch, generator: torch.Generator) -> float:
-    """Trajectory-matching loss on a fresh window batch (no training)."""
-    return float(trajectory_matching_loss(model, sampler(batch, generator)))
+def eval_tm_loss(model: Field, sampler: WindowBatchSampler, batch, generator: torch.Generator) -> Estimate:
+    """Trajectory-matching loss on a fresh window batch (no training), with its MC error."""
+    return mc_mean(trajectory_matching_loss(model, sampler(batch, generator), per_sample=True))
 
 
 def as_row(**values) -> dict[str, object]:

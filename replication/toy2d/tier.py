@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,7 @@ from marflow_core import (
     load_pairs,
     train,
 )
+from marflow_core.atomic import atomic_write_text
 
 from .config import StudentConfig, Toy2DConfig, TrainStageConfig
 
@@ -68,8 +70,10 @@ def build_objective(
     windows = TimeWindows(student.windows)
     if student.method == "reflow":
         p = train_cfg.reflow_pairs
+        device = teacher.means.device
         paths = generate_reflow_pairs(teacher, pair_dir, p.n_pairs, p.shard_size, (DIM,),
-                                      steps=p.steps, method=p.solver, progress=progress)
+                                      steps=p.steps, method=p.solver, device=device,
+                                      progress=progress)
         x0, x1 = load_pairs(paths)
         sampler = ReflowPairSampler(x0.to(teacher.means.device), x1.to(teacher.means.device),
                                     train_cfg.batch_size)
@@ -81,6 +85,17 @@ def build_objective(
     return DistillationObjective(sampler, teacher, ma_config(train_cfg, student)), batch_fn
 
 
+def source_digest() -> str:
+    """SHA-256 of the library and tier sources: checkpoints made by other code are never resumed."""
+    import marflow_core
+
+    digest = hashlib.sha256()
+    for folder in (Path(marflow_core.__file__).parent, Path(__file__).parent):
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def prepare_run_dir(path: Path, fingerprint: dict) -> None:
     """Keep ``path``'s files (to resume) only if they were made with the same ``fingerprint``."""
     stamp = path / "fingerprint.json"
@@ -88,7 +103,7 @@ def prepare_run_dir(path: Path, fingerprint: dict) -> None:
     if path.exists() and (not stamp.exists() or stamp.read_text() != text):
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(text)
+    atomic_write_text(text, stamp)
 
 
 def train_student(
@@ -101,7 +116,7 @@ def train_student(
 ):
     """Train (or resume) one student into ``checkpoint_root/<name>/``; same init seed for every student."""
     teacher = make_teacher(toy)
-    base = {"toy2d": asdict(toy), "model": asdict(train_cfg.model)}
+    base = {"toy2d": asdict(toy), "code": source_digest()}
     pair_dir = checkpoint_root / "reflow_pairs"
     if student.method == "reflow":
         prepare_run_dir(pair_dir, {**base, "pairs": asdict(train_cfg.reflow_pairs)})
