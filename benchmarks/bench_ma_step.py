@@ -5,7 +5,7 @@ One run measures (CPU by default):
 * one full training step (sample a window batch, forward, backward, grad clip, Adam) for PeRFlow
   alone, for PeRFlow + MA (``MAConfig()`` defaults: 2 Euler sub-steps, exact trace) and for the
   2-D tier's MA setting (one Euler sub-step, exact discrete log-det), with a
-  ``TimeMLP(2, 128, 3)`` student, the exact Gaussian-mixture teacher, batch 512, ``TimeWindows(4)``
+  ``TimeMLP(2, 64, 2)`` student (the 2-D tier's default), the exact Gaussian-mixture teacher, batch 512, ``TimeWindows(4)``
   and a ``PeRFlowSampler`` (rk4, M = 4);
 * ``exact_divergence`` vs ``hutchinson_divergence`` (one probe) on the same model, evaluation-only
   (``create_graph=False``) and training-style (``create_graph=True`` plus a backward pass);
@@ -57,10 +57,11 @@ def timeit(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, flo
 
 
 def make_teacher() -> GaussianMixtureTeacher:
-    """Eight modes on a circle of radius 3 (the usual 2-D toy), std 0.3."""
-    angles = torch.arange(8) * (2 * torch.pi / 8)
+    """The 2-D tier's default target (params.yaml): six modes on a ring of radius 3, std 0.25."""
+    angles = torch.arange(6) * (2 * torch.pi / 6)
     means = 3.0 * torch.stack([angles.cos(), angles.sin()], -1)
-    return GaussianMixtureTeacher(torch.ones(8), means, torch.full((8,), 0.3))
+    weights = torch.tensor([0.30, 0.20, 0.15, 0.15, 0.10, 0.10])
+    return GaussianMixtureTeacher(weights, means, torch.full((6,), 0.25))
 
 
 def training_step_fn(model: nn.Module, objective, teacher, batch: int, lr: float = 1e-3):
@@ -124,13 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
              ("perflow+MA discrete step", MAConfig(substeps=1, logdet="discrete"))]
     for name, ma in cases:
         torch.manual_seed(0)
-        model = TimeMLP(2, 128, 3)
+        model = TimeMLP(2, 64, 2, time_dim=16)
         objective = DistillationObjective(sampler, teacher, ma)
         results[name] = timeit(training_step_fn(model, objective, teacher, args.batch),
                                args.warmup, args.repeats)
 
     torch.manual_seed(0)
-    model = TimeMLP(2, 128, 3)
+    model = TimeMLP(2, 64, 2, time_dim=16)
     gen = torch.Generator().manual_seed(1)
     x = teacher.sample(args.batch, 0.5, gen)
     t = torch.rand(args.batch, generator=gen)

@@ -126,12 +126,16 @@ def ma_value_estimate(
     divergence: str = "exact",
     n_probes: int = 1,
     generator: torch.Generator | None = None,
+    probe_kind: str = "rademacher",
 ) -> torch.Tensor:
     """Estimator (A): per-sample ``int [-div delta - s_T . delta] ds`` along the student path, ``(B,)``.
 
     ``x_start ~ p^T_{t_start}``; the batch mean estimates ``R_k`` and its spread the Monte-Carlo error.
     """
-    probes = sample_probes(x_start, n_probes, generator=generator) if divergence == "hutchinson" else None
+    if divergence not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCE_KINDS}")
+    probes = (sample_probes(x_start, n_probes, probe_kind, generator)
+              if divergence == "hutchinson" else None)
 
     def delta(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(x, t) - teacher.velocity(x, t)
