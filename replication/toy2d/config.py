@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from marflow_core.errors import InvalidParameter
 from marflow_core.marginal import MAConfig
 from marflow_core.perflow import WINDOW_STARTS
 from marflow_core.solvers import FIXED_METHODS
+from marflow_core.training import TrainConfig
 
-from ..config import from_dict, require
+from ..config import fail, from_dict, require
 
 METHODS: tuple[str, ...] = ("reflow", "perflow")
 
@@ -113,12 +115,18 @@ class TrainStageConfig:
     ma: MAConfig = field(default_factory=MAConfig)
     students: dict[str, StudentConfig] = field(default_factory=dict)
 
+    def train_config(self, seed: int) -> TrainConfig:
+        """The library's ``TrainConfig`` for these settings (it validates the optimizer fields)."""
+        return TrainConfig(steps=self.steps, lr=self.lr, seed=seed, warmup=self.warmup,
+                           checkpoint_every=self.checkpoint_every, snapshot_every=self.snapshot_every,
+                           log_every=self.log_every, grad_clip=self.grad_clip)
+
     def validate(self, where: str) -> None:
-        for key in ("batch_size", "steps", "checkpoint_every", "log_every"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
-        for key in ("warmup", "snapshot_every"):
-            require(getattr(self, key) >= 0, f"{where}.{key}", getattr(self, key), "must be >= 0")
-        require(self.lr > 0, f"{where}.lr", self.lr, "must be > 0")
+        require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
+        try:
+            self.train_config(seed=0)
+        except InvalidParameter as err:
+            fail(f"{where}.{err.key}", err.value, err.why)
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
         weights = self.ma.window_weights
         if weights is not None:

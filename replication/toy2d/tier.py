@@ -18,7 +18,6 @@ from marflow_core import (
     ReflowPairSampler,
     TimeMLP,
     TimeWindows,
-    TrainConfig,
     generate_reflow_pairs,
     load_checkpoint,
     load_pairs,
@@ -127,11 +126,8 @@ def train_student(
     objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress)
     torch.manual_seed(toy.seed)
     model = make_model(train_cfg, toy.device)
-    cfg = TrainConfig(steps=train_cfg.steps, lr=train_cfg.lr, seed=toy.seed,
-                      checkpoint_every=train_cfg.checkpoint_every,
-                      snapshot_every=train_cfg.snapshot_every, log_every=train_cfg.log_every,
-                      warmup=train_cfg.warmup, grad_clip=train_cfg.grad_clip)
-    result = train(model, objective, batch_fn, cfg, checkpoint_root / name, progress, desc=name)
+    result = train(model, objective, batch_fn, train_cfg.train_config(toy.seed),
+                   checkpoint_root / name, progress, desc=name)
     return result
 
 
