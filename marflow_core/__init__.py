@@ -3,13 +3,20 @@
 Conventions (METHOD.md): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
 """
 
-from .divergence import batch_jacobian, exact_divergence, hutchinson_divergence, sample_probes
+from .divergence import (
+    batch_jacobian,
+    divergence_fn,
+    exact_divergence,
+    hutchinson_divergence,
+    sample_probes,
+)
 from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
-from .marginal import MAConfig, ma_surrogate, ma_value_estimate
-from .models import TimeMLP, VelocityField
+from .marginal import MAConfig, delta_field, ma_surrogate, ma_value_estimate, ma_value_rate
+from .models import TimeMLP, TimeMLPConfig, VelocityField
 from .objectives import DistillationObjective, LossTerms, Objective
-from .perflow import PeRFlowSampler
-from .reflow import ReflowPairSampler, generate_reflow_pairs, load_pairs
+from .perflow import PeRFlowConfig, PeRFlowSampler
+from .reflow import ReflowPairConfig, ReflowPairSampler, generate_reflow_pairs, load_pairs
+from .seeding import derive_seed, stream
 from .solvers import odeint_adaptive, odeint_fixed, uniform_grid
 from .teachers import GaussianMixtureTeacher, Teacher, VelocityTeacher, score_from_velocity
 from .training import NonFiniteLossError, TrainConfig, TrainResult, load_checkpoint, train
@@ -24,10 +31,13 @@ __all__ = [
     "MAConfig",
     "NonFiniteLossError",
     "Objective",
+    "PeRFlowConfig",
     "PeRFlowSampler",
+    "ReflowPairConfig",
     "ReflowPairSampler",
     "Teacher",
     "TimeMLP",
+    "TimeMLPConfig",
     "TimeWindows",
     "TrainConfig",
     "TrainResult",
@@ -35,6 +45,9 @@ __all__ = [
     "VelocityTeacher",
     "WindowBatch",
     "batch_jacobian",
+    "delta_field",
+    "derive_seed",
+    "divergence_fn",
     "euler_map_with_logdet",
     "exact_divergence",
     "flow_with_logdet",
@@ -44,6 +57,7 @@ __all__ = [
     "load_pairs",
     "ma_surrogate",
     "ma_value_estimate",
+    "ma_value_rate",
     "odeint_adaptive",
     "odeint_fixed",
     "sample_few_step",
@@ -51,6 +65,7 @@ __all__ = [
     "score_from_velocity",
     "segment_point",
     "segment_velocity",
+    "stream",
     "train",
     "trajectory_matching_loss",
     "uniform_grid",

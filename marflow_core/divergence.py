@@ -5,6 +5,7 @@ vector-Jacobian product (``is_grads_batched``), so it costs one vmapped backward
 loop over coordinates; use it for ``D <= 64``. Hutchinson uses ``div v ~ mean_p e_p^T (dv/dx) e_p``
 with Rademacher or Gaussian probes ``e_p`` (``E[e e^T] = I``), one batched VJP for all ``P`` probes.
 Every function returns ``(v, div)`` so the caller gets the velocity without a second forward pass.
+``divergence_fn`` is the one dispatch from a divergence name to such a function.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Literal
 
 import torch
 
-Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .models import VelocityField
+
 ProbeKind = Literal["rademacher", "gaussian"]
 PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
+DivergenceKind = Literal["exact", "hutchinson"]
+DIVERGENCE_KINDS: tuple[str, ...] = ("exact", "hutchinson")
+#: ``(x, t) -> (v, div)`` with ``v: (B, ...)`` and ``div: (B,)``
+DivergenceFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _input_for_grad(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +31,7 @@ def _input_for_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_jacobian(
-    field: Field, x: torch.Tensor, t: torch.Tensor, create_graph: bool = False
+    field: VelocityField, x: torch.Tensor, t: torch.Tensor, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(v, J)`` with ``v: (B, ...)`` and ``J: (B, D, D)``, ``J[b, i, j] = dv_i / dx_j``, ``D = prod(x.shape[1:])``."""
     batch, dim = x.shape[0], x[0].numel()
@@ -44,7 +50,7 @@ def batch_jacobian(
 
 
 def exact_divergence(
-    field: Field, x: torch.Tensor, t: torch.Tensor, create_graph: bool = False
+    field: VelocityField, x: torch.Tensor, t: torch.Tensor, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(v, div v)`` with ``div: (B,)`` the exact Jacobian trace."""
     v, jac = batch_jacobian(field, x, t, create_graph)
@@ -71,7 +77,7 @@ def sample_probes(
 
 
 def hutchinson_divergence(
-    field: Field,
+    field: VelocityField,
     x: torch.Tensor,
     t: torch.Tensor,
     probes: torch.Tensor,
@@ -88,3 +94,24 @@ def hutchinson_divergence(
     if not create_graph:
         v, div = v.detach(), div.detach()
     return v, div
+
+
+def divergence_fn(
+    field: VelocityField,
+    kind: str = "exact",
+    n_probes: int = 1,
+    probe_kind: str = "rademacher",
+    create_graph: bool = False,
+    like: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DivergenceFn:
+    """The ``(x, t) -> (v, div)`` function of divergence ``kind``; Hutchinson probes ``(P, B, ...)``
+    are drawn once here (shaped like ``like``) and stay fixed for every call, e.g. over an ODE solve."""
+    if kind == "exact":
+        return lambda x, t: exact_divergence(field, x, t, create_graph)
+    if kind == "hutchinson":
+        if like is None:
+            raise ValueError("Hutchinson divergence needs `like` to size its probes")
+        probes = sample_probes(like, n_probes, probe_kind, generator)
+        return lambda x, t: hutchinson_divergence(field, x, t, probes, create_graph)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCE_KINDS}")

@@ -12,21 +12,12 @@ low dimension); negative or zero determinants mean the step folds space and are 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from .divergence import (
-    Field,
-    batch_jacobian,
-    exact_divergence,
-    hutchinson_divergence,
-    sample_probes,
-)
+from .divergence import batch_jacobian, divergence_fn
+from .models import VelocityField
 from .solvers import batch_grid, odeint_fixed
-
-DivergenceKind = Literal["exact", "hutchinson"]
-DIVERGENCE_KINDS: tuple[str, ...] = ("exact", "hutchinson")
 
 
 @dataclass
@@ -43,28 +34,8 @@ class FlowWithLogDet:
         return -self.logdet
 
 
-def divergence_fn(
-    field: Field,
-    kind: str = "exact",
-    n_probes: int = 1,
-    probe_kind: str = "rademacher",
-    create_graph: bool = False,
-    like: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-):
-    """A function ``(x, t) -> (v, div)``; Hutchinson probes are drawn once here and reused."""
-    if kind == "exact":
-        return lambda x, t: exact_divergence(field, x, t, create_graph)
-    if kind == "hutchinson":
-        if like is None:
-            raise ValueError("Hutchinson divergence needs `like` to size its probes")
-        probes = sample_probes(like, n_probes, probe_kind, generator)
-        return lambda x, t: hutchinson_divergence(field, x, t, probes, create_graph)
-    raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCE_KINDS}")
-
-
 def flow_with_logdet(
-    field: Field,
+    field: VelocityField,
     x0: torch.Tensor,
     t_grid: torch.Tensor,
     method: str = "euler",
@@ -91,7 +62,7 @@ def flow_with_logdet(
 
 
 def euler_map_with_logdet(
-    field: Field, x0: torch.Tensor, t_grid: torch.Tensor, create_graph: bool = False
+    field: VelocityField, x0: torch.Tensor, t_grid: torch.Tensor, create_graph: bool = False
 ) -> FlowWithLogDet:
     """Exact ``log|det|`` of the Euler map over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``; low dimension).
 

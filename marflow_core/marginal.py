@@ -13,29 +13,18 @@ teacher marginal ``p^T_{t_k}`` to ``q_{k+1}``; the regularizer is ``R_k = KL(q_{
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from .divergence import (
-    PROBE_KINDS,
-    Field,
-    exact_divergence,
-    hutchinson_divergence,
-    sample_probes,
-)
+from .divergence import DIVERGENCE_KINDS, PROBE_KINDS, DivergenceFn, divergence_fn
 from .errors import InvalidParameter
-from .logdensity import DIVERGENCE_KINDS, euler_map_with_logdet, flow_with_logdet
+from .logdensity import euler_map_with_logdet, flow_with_logdet
+from .models import VelocityField
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
+from .teachers import Teacher
 from .trajectory import WindowBatch
 
 LOGDET_MODES: tuple[str, ...] = ("continuous", "discrete")
-
-
-class ScoringTeacher(Protocol):
-    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
-
-    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -84,10 +73,19 @@ class MAConfig:
             if not ok:
                 raise InvalidParameter(key, value, why)
 
+    def inactive_fields(self) -> dict[str, str]:
+        """Fields that have no effect given the others: ``{name: reason}``."""
+        if self.logdet == "discrete":
+            why = "logdet = 'discrete' uses the exact Jacobian log-det, no divergence estimate"
+            return dict.fromkeys(("divergence", "n_probes", "probe_kind"), why)
+        if self.divergence == "exact":
+            return dict.fromkeys(("n_probes", "probe_kind"), "only Hutchinson divergence uses probes")
+        return {}
+
 
 def ma_surrogate(
-    model: Field,
-    teacher: ScoringTeacher,
+    model: VelocityField,
+    teacher: Teacher,
     wb: WindowBatch,
     config: MAConfig,
     generator: torch.Generator | None = None,
@@ -114,10 +112,30 @@ def ma_surrogate(
     return loss / x[0].numel() if config.normalize_by_dim else loss
 
 
+def ma_value_rate(
+    model: VelocityField, teacher: Teacher, x: torch.Tensor, t: torch.Tensor, div: DivergenceFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integrand of estimator (A) at ``x: (B, ...)``, ``t: (B,)``: ``(v_theta, rate)`` with
+    ``rate = -div delta - s_T . delta``, ``delta = v_theta - v_T`` (``rate: (B,)``).
+
+    For ``x ~ q_t`` evolving under ``v_theta`` and ``p^T_t`` under ``v_T``, ``E_q[rate] =
+    d/dt KL(q_t || p^T_t)`` (integrate ``E_q[delta . grad log(q / p)]`` by parts). ``div`` is a
+    ``divergence_fn`` of the field ``delta`` (see ``delta_field``).
+    """
+    d_vel, d_div = div(x, t)
+    rate = -d_div - (teacher.score(x, t) * d_vel).flatten(1).sum(-1)
+    return d_vel + teacher.velocity(x, t), rate
+
+
+def delta_field(model: VelocityField, teacher: Teacher) -> VelocityField:
+    """``delta(x, t) = v_theta(x, t) - v_T(x, t)``."""
+    return lambda x, t: model(x, t) - teacher.velocity(x, t)
+
+
 @torch.no_grad()
 def ma_value_estimate(
-    model: Field,
-    teacher: ScoringTeacher,
+    model: VelocityField,
+    teacher: Teacher,
     x_start: torch.Tensor,
     t_start: torch.Tensor | float,
     t_end: torch.Tensor | float,
@@ -131,24 +149,13 @@ def ma_value_estimate(
     """Estimator (A): per-sample ``int [-div delta - s_T . delta] ds`` along the student path, ``(B,)``.
 
     ``x_start ~ p^T_{t_start}``; the batch mean estimates ``R_k`` and its spread the Monte-Carlo error.
+    Hutchinson probes are drawn once and stay fixed along the path.
     """
-    if divergence not in DIVERGENCE_KINDS:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCE_KINDS}")
-    probes = (sample_probes(x_start, n_probes, probe_kind, generator)
-              if divergence == "hutchinson" else None)
-
-    def delta(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, t) - teacher.velocity(x, t)
+    div = divergence_fn(delta_field(model, teacher), divergence, n_probes, probe_kind,
+                        like=x_start, generator=generator)
 
     def dynamics(state, t):
-        x = state[0]
-        if probes is None:
-            d_vel, d_div = exact_divergence(delta, x, t)
-        else:
-            d_vel, d_div = hutchinson_divergence(delta, x, t, probes)
-        v_student = d_vel + teacher.velocity(x, t)
-        rate = -d_div - (teacher.score(x, t) * d_vel).flatten(1).sum(-1)
-        return v_student, rate
+        return ma_value_rate(model, teacher, state[0], t, div)
 
     grid = uniform_grid(t_start, t_end, substeps, x_start)
     zero = torch.zeros(x_start.shape[0], dtype=x_start.dtype, device=x_start.device)

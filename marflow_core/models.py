@@ -7,15 +7,22 @@ shape of ``x``. Time runs from noise (``t = 0``) to data (``t = 1``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .errors import InvalidParameter
+
 
 @runtime_checkable
 class VelocityField(Protocol):
-    """Anything callable as ``v(x, t)`` with ``x: (B, ...)``, ``t: (B,)`` -> ``(B, ...)``."""
+    """Anything callable as ``v(x, t)`` with ``x: (B, ...)``, ``t: (B,)`` -> ``(B, ...)``.
+
+    The one velocity-field type of the code base: students, teachers' velocities, the difference
+    field of estimator (A) and plain lambdas all satisfy it.
+    """
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
@@ -50,6 +57,22 @@ class SinusoidalTimeEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+@dataclass
+class TimeMLPConfig:
+    """Width ``hidden``, ``depth`` hidden layers, an even ``time_dim`` sinusoidal time embedding."""
+
+    hidden: int = 128
+    depth: int = 3
+    time_dim: int = 32
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "depth", "time_dim"):
+            if getattr(self, key) < 1:
+                raise InvalidParameter(key, getattr(self, key), "must be >= 1")
+        if self.time_dim % 2:
+            raise InvalidParameter("time_dim", self.time_dim, "must be even (sin and cos pairs)")
+
+
 class TimeMLP(nn.Module):
     """A velocity MLP for low-dimensional data: ``v(x, t) = MLP([x, emb(t)])``, ``x: (B, D)``.
 
@@ -58,8 +81,9 @@ class TimeMLP(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 32) -> None:
         super().__init__()
-        if dim < 1 or hidden < 1 or depth < 1:
-            raise ValueError(f"TimeMLP needs dim, hidden, depth >= 1, got {dim}, {hidden}, {depth}")
+        TimeMLPConfig(hidden, depth, time_dim)  # the one copy of the checks
+        if dim < 1:
+            raise InvalidParameter("dim", dim, "must be >= 1")
         self.dim = dim
         self.time_embedding = SinusoidalTimeEmbedding(time_dim)
         layers: list[nn.Module] = []
@@ -69,6 +93,10 @@ class TimeMLP(nn.Module):
             width_in = hidden
         layers.append(nn.Linear(width_in, dim))
         self.net = nn.Sequential(*layers)
+
+    @classmethod
+    def from_config(cls, dim: int, config: TimeMLPConfig) -> TimeMLP:
+        return cls(dim, config.hidden, config.depth, config.time_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = as_batch_time(t, x)

@@ -11,8 +11,9 @@ from typing import Protocol
 
 import torch
 
-from .divergence import Field
-from .marginal import MAConfig, ScoringTeacher, ma_surrogate
+from .marginal import MAConfig, ma_surrogate
+from .models import VelocityField
+from .teachers import Teacher
 from .trajectory import WindowBatchSampler, trajectory_matching_loss
 
 
@@ -26,7 +27,7 @@ class LossTerms:
 
 class Objective(Protocol):
     def __call__(
-        self, model: Field, batch, step: int, generator: torch.Generator | None
+        self, model: VelocityField, batch, step: int, generator: torch.Generator | None
     ) -> LossTerms: ...
 
 
@@ -35,14 +36,14 @@ class DistillationObjective:
     """``L = L_TM + lambda L_MA`` on one window batch (MA skipped when ``ma`` is None or off-step)."""
 
     sampler: WindowBatchSampler
-    teacher: ScoringTeacher | None = None
+    teacher: Teacher | None = None
     ma: MAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.ma is not None and self.teacher is None:
             raise ValueError("the MA term needs a teacher with a score")
 
-    def __call__(self, model: Field, batch, step: int, generator: torch.Generator | None) -> LossTerms:
+    def __call__(self, model: VelocityField, batch, step: int, generator: torch.Generator | None) -> LossTerms:
         wb = self.sampler(batch, generator)
         tm = trajectory_matching_loss(model, wb)
         parts = {"tm": float(tm.detach())}

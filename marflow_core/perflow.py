@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .divergence import Field
-from .models import expand_time
+from .errors import InvalidParameter
+from .models import VelocityField, expand_time
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 from .windows import TimeWindows
@@ -21,22 +21,38 @@ WINDOW_STARTS: tuple[str, ...] = ("noised_data", "teacher_ode")
 
 
 @dataclass
-class PeRFlowSampler:
-    """Builds a ``WindowBatch`` from a data batch ``x1: (B, ...)``."""
+class PeRFlowConfig:
+    """The teacher's window solve: ``teacher_steps`` (``M``) steps of ``solver``; window ``start``."""
 
-    windows: TimeWindows
-    teacher: Field
     teacher_steps: int = 4
     solver: str = "rk4"
     start: str = "noised_data"
 
     def __post_init__(self) -> None:
         if self.teacher_steps < 1:
-            raise ValueError(f"teacher_steps (M) must be >= 1, got {self.teacher_steps}")
+            raise InvalidParameter("teacher_steps", self.teacher_steps, "M must be >= 1")
         if self.solver not in FIXED_METHODS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {FIXED_METHODS}")
+            raise InvalidParameter("solver", self.solver, f"one of {FIXED_METHODS}")
         if self.start not in WINDOW_STARTS:
-            raise ValueError(f"unknown window start {self.start!r}; choose one of {WINDOW_STARTS}")
+            raise InvalidParameter("start", self.start, f"one of {WINDOW_STARTS}")
+
+
+@dataclass
+class PeRFlowSampler:
+    """Builds a ``WindowBatch`` from a data batch ``x1: (B, ...)``."""
+
+    windows: TimeWindows
+    teacher: VelocityField
+    teacher_steps: int = 4
+    solver: str = "rk4"
+    start: str = "noised_data"
+
+    def __post_init__(self) -> None:
+        PeRFlowConfig(self.teacher_steps, self.solver, self.start)  # the one copy of the checks
+
+    @classmethod
+    def from_config(cls, windows: TimeWindows, teacher: VelocityField, config: PeRFlowConfig):
+        return cls(windows, teacher, config.teacher_steps, config.solver, config.start)
 
     @torch.no_grad()
     def __call__(self, x1: torch.Tensor, generator: torch.Generator | None) -> WindowBatch:

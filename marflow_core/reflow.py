@@ -13,21 +13,40 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
-from .divergence import Field
-from .solvers import odeint_fixed, uniform_grid
+from .errors import InvalidParameter
+from .models import VelocityField
+from .seeding import derive_seed
+from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 
-SHARD_PATTERN = "pairs_seed{seed:08d}.pt"
+SHARD_PATTERN = "pairs_seed{seed:019d}.pt"
+
+
+@dataclass
+class ReflowPairConfig:
+    """A pair bank: ``n_pairs`` teacher pairs in shards of ``shard_size``, ``steps`` of ``solver``."""
+
+    n_pairs: int = 20000
+    shard_size: int = 5000
+    steps: int = 32
+    solver: str = "rk4"
+
+    def __post_init__(self) -> None:
+        for key in ("n_pairs", "shard_size", "steps"):
+            if getattr(self, key) < 1:
+                raise InvalidParameter(key, getattr(self, key), "must be >= 1")
+        if self.solver not in FIXED_METHODS:
+            raise InvalidParameter("solver", self.solver, f"one of {FIXED_METHODS}")
 
 
 def shard_seed(base_seed: int, shard: int) -> int:
-    """The seed of shard ``shard``: distinct for every (base seed, shard) with shard < 1e6."""
-    return base_seed * 1_000_003 + shard
+    """The seed of shard ``shard``: the ``reflow-shard`` stream of ``base_seed``."""
+    return derive_seed(base_seed, "reflow-shard", shard)
 
 
 @torch.no_grad()
 def teacher_pairs(
-    teacher: Field,
+    teacher: VelocityField,
     n: int,
     dim_shape: tuple[int, ...],
     seed: int,
@@ -48,7 +67,7 @@ def teacher_pairs(
 
 
 def generate_reflow_pairs(
-    teacher: Field,
+    teacher: VelocityField,
     out_dir: str | Path,
     n_pairs: int,
     shard_size: int,
@@ -65,8 +84,7 @@ def generate_reflow_pairs(
     An existing shard is kept only if its size, ``steps`` and ``method`` match (a bank grown from
     10 to 12 pairs regenerates its partial last shard); the teacher itself is not checked.
     """
-    if n_pairs < 1 or shard_size < 1:
-        raise ValueError(f"n_pairs and shard_size must be >= 1, got {n_pairs}, {shard_size}")
+    ReflowPairConfig(n_pairs, shard_size, steps, method)  # the one copy of the checks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = -(-n_pairs // shard_size)

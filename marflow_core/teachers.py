@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import InvalidParameter
 from .models import VelocityField, as_batch_time, expand_time
 
 
@@ -77,13 +78,16 @@ class GaussianMixtureTeacher:
         w = torch.as_tensor(weights, dtype=dtype, device=device)
         mu = torch.as_tensor(means, dtype=dtype, device=device)
         sd = torch.as_tensor(stds, dtype=dtype, device=device)
-        if w.ndim != 1 or mu.ndim != 2 or sd.ndim != 1 or not (len(w) == len(mu) == len(sd)):
-            raise ValueError(
-                f"need weights (M,), means (M, D), stds (M,); got {tuple(w.shape)}, "
-                f"{tuple(mu.shape)}, {tuple(sd.shape)}"
-            )
-        if (w <= 0).any() or (sd <= 0).any():
-            raise ValueError("mixture weights and stds must be positive")
+        if w.ndim != 1 or len(w) < 1:
+            raise InvalidParameter("weights", w.tolist(), "need a non-empty list of M weights")
+        if mu.ndim != 2 or len(mu) != len(w):
+            raise InvalidParameter("means", mu.tolist(), f"need {len(w)} points of one dimension")
+        if sd.ndim != 1 or len(sd) != len(w):
+            raise InvalidParameter("stds", sd.tolist(), f"need {len(w)} stds")
+        if (w <= 0).any():
+            raise InvalidParameter("weights", w.tolist(), "must be > 0")
+        if (sd <= 0).any():
+            raise InvalidParameter("stds", sd.tolist(), "must be > 0")
         self.weights = w / w.sum()
         self.means = mu
         self.stds = sd

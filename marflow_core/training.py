@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .atomic import atomic_torch_save
 from .errors import InvalidParameter
 from .objectives import Objective
+from .seeding import stream
 
 LAST_CHECKPOINT = "last.pt"
 
@@ -62,8 +63,8 @@ class TrainResult:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one step: a function of ``(seed, step)`` only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """The generator of one step: the ``train-step`` stream of ``seed``, a function of ``(seed, step)``."""
+    return stream(seed, "train-step", step)
 
 
 def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig) -> None:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from .divergence import Field
+from .models import VelocityField
 from .solvers import odeint_fixed
 from .windows import TimeWindows, segment_point, segment_velocity
 
@@ -44,7 +44,7 @@ class WindowBatchSampler(Protocol):
     def __call__(self, batch, generator: torch.Generator | None) -> WindowBatch: ...
 
 
-def trajectory_matching_loss(model: Field, wb: WindowBatch, per_sample: bool = False) -> torch.Tensor:
+def trajectory_matching_loss(model: VelocityField, wb: WindowBatch, per_sample: bool = False) -> torch.Tensor:
     """``L_TM = mean ||v_theta(x_t, t) - (y_T - x_s)/(t_{k+1} - t_k)||^2``, averaged over batch and dims.
 
     ``per_sample`` returns the ``(B,)`` per-sample means over dims instead (for error bars).
@@ -55,7 +55,7 @@ def trajectory_matching_loss(model: Field, wb: WindowBatch, per_sample: bool = F
 
 @torch.no_grad()
 def sample_few_step(
-    model: Field,
+    model: VelocityField,
     x0: torch.Tensor,
     windows: TimeWindows,
     n_steps: int,

@@ -41,10 +41,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
 from replication.notebook import save_figure, save_json, setup_plotting, stage_configs
 from replication.toy2d.evaluate import (
+    density_grid,
     eval_noise,
     evaluate_all,
     reference_floor,
@@ -64,6 +64,8 @@ students = {name: load_student(name, train_cfg, Path(checkpoint_dir), device=toy
 
 # %% [markdown]
 # ## Metrics at 1 / 2 / 4 / 8 NFE
+# Sample counts: `n_samples` student samples per KL / TV / mode-mass / sliced-W2 estimate,
+# `mmd_samples` for the MMD, `tm_eval_batch` for the trajectory-matching loss (printed below).
 
 # %%
 table = evaluate_all(students, teacher, eval_cfg)
@@ -71,6 +73,9 @@ floor = reference_floor(teacher, eval_cfg)
 pd.set_option("display.precision", 4)
 show = ["student", "nfe", "kl", "kl_se", "tv", "tv_se", "mode_mass_error", "off_mode",
         "sliced_w2", "mmd2", "folded", "crosses_windows", "tm_loss", "tm_loss_se"]
+print(f"n = {eval_cfg.n_samples} samples (KL, TV, mode mass, sliced W2 with "
+      f"{eval_cfg.sw_projections} directions), {eval_cfg.mmd_samples} (MMD), "
+      f"{eval_cfg.tm_eval_batch} (TM loss)")
 display(table[show])  # noqa: F821
 print("noise floor (two independent exact teacher sample sets):", floor)
 
@@ -93,11 +98,7 @@ panels = {"teacher (32-step RK4 ODE)": teacher_paths(teacher, x0, 32).cpu()}
 for name in fig_cfg.students:
     panels[f"{name}, {fig_cfg.nfe_show} NFE"] = student_paths(students[name], x0, fig_cfg.nfe_show).cpu()
 
-lim = float(teacher.means.abs().max() + 4 * teacher.stds.max())
-grid_1d = torch.linspace(-lim, lim, 200)
-gx, gy = torch.meshgrid(grid_1d, grid_1d, indexing="xy")
-points = torch.stack([gx.flatten(), gy.flatten()], 1).to(toy.device)
-density = teacher.log_prob(points, 1.0).exp().reshape(200, 200).cpu()
+gx, gy, density, lim = density_grid(teacher)
 
 fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), sharex=True, sharey=True)
 for ax, (title, path) in zip(axes, panels.items(), strict=True):
@@ -144,6 +145,8 @@ plt.show()
 save_json({
     "table": table.replace({np.nan: None}).to_dict(orient="records"),
     "noise_floor": floor,
+    "n_samples": eval_cfg.n_samples, "mmd_samples": eval_cfg.mmd_samples,
+    "tm_eval_batch": eval_cfg.tm_eval_batch,
     "notes": ("KL/TV exact up to Monte-Carlo error; lower bounds where folded > 0; "
               "MA regularizer is a reconstruction (METHOD.md section 4)"),
 }, out / "metrics.json")

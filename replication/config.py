@@ -2,7 +2,13 @@
 
 Every section maps one-to-one onto a dataclass. Construction validates: an unknown key or a bad value
 raises ``ConfigError`` naming the full key path and the value (``toy2d_train.steps = -5: must be
->= 1``), so a stage stops before doing any work.
+>= 1``), so a stage stops before doing any work. The checks of a value's domain live in the
+dataclass (most of them library dataclasses, whose ``InvalidParameter`` is mapped to the key path
+here); this module only maps and type-checks.
+
+No input is silently ignored: a dataclass may define ``inactive_fields() -> {field: reason}``, the
+fields that have no effect given the others (for example the divergence of the MA term under
+``logdet: discrete``); such a key present in ``params.yaml`` is an error that names it.
 """
 
 from __future__ import annotations
@@ -34,9 +40,16 @@ def require(ok: bool, where: str, value: Any, why: str) -> None:
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The whole ``params.yaml`` as a dict."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    """The whole ``params.yaml`` as a dict; a missing or unparsable file raises ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the repository root, or pass "
+                          f"--params PATH)")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -99,11 +112,18 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
             fail(f"{where}.{name}", None, "required key is missing")
     try:
         obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate(where)
     except InvalidParameter as err:
         fail(f"{where}.{err.key}", err.value, err.why)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate(where)
+    inactive = getattr(obj, "inactive_fields", None)
+    if inactive is not None:
+        given = {key: why for key, why in inactive().items() if key in data}
+        if given:
+            key = sorted(given)[0]
+            fail(f"{where}.{key}", data[key], f"has no effect: {given[key]}; remove "
+                 f"{'these keys' if len(given) > 1 else 'it'}: {sorted(given)}")
     return obj
 
 

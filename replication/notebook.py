@@ -1,4 +1,4 @@
-"""Helpers for the thin notebooks: load validated configs, write metrics and figures atomically."""
+"""Helpers for the thin notebooks: validated configs, atomic metrics and figures, wall times."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from typing import Any
 from marflow_core.atomic import atomic_write_text
 
 from .config import load_params
-from .toy2d import config as toy_cfg
+from .registry import section
+from .reproducible import wall_time_line
 
 
 def stage_configs(params: dict[str, Any] | None, sections: list[str], path: str = "params.yaml"):
     """Validated dataclasses of ``sections``; ``params`` None (interactive use) reads ``params.yaml``."""
     params = load_params(path) if params is None else params
-    return tuple(toy_cfg.section(params, name) for name in sections)
+    return tuple(section(params, name) for name in sections)
 
 
 def _clean(value: Any) -> Any:
@@ -39,6 +40,12 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+
+
+def print_wall_time(label: str, seconds: float, note: str = "") -> None:
+    """Print a wall time (and a run-dependent ``note``) in the form the stage runner strips from
+    the committed notebook: ``[wall time] label: 12.3 s (note)``."""
+    print(wall_time_line(label, seconds) + (f" ({note})" if note else ""))
 
 
 def setup_plotting() -> None:

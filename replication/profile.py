@@ -18,7 +18,7 @@ import yaml
 from marflow_core.atomic import atomic_write_text
 
 from .config import ConfigError, deep_merge, load_params
-from .toy2d import config as toy_cfg
+from .registry import validate_all
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -31,9 +31,7 @@ def apply_profile(name: str, params_path: Path = Path("params.yaml"),
         known = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
         raise ConfigError(f"profile = {name!r}: no {path}; known profiles: {known}")
     merged = deep_merge(load_params(params_path), load_params(path))
-    for section in toy_cfg.SECTIONS:
-        if section in merged:
-            toy_cfg.section(merged, section)
+    validate_all(merged)
     header = (f"# marflow parameters: profile '{name}' (written by `python -m replication.profile "
               f"{name}`; `git checkout params.yaml` restores the default).\n")
     atomic_write_text(header + yaml.safe_dump(merged, sort_keys=False), params_path)

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from replication import registry
 from replication.config import ConfigError, load_params
 from replication.profile import apply_profile
-from replication.stage import STAGES, main
-from replication.toy2d import config as toy_cfg
+from replication.stage import main
+
+STAGES = registry.stages()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +26,9 @@ def params() -> dict:
 
 
 def test_committed_params_and_profiles_are_valid(params, tmp_path):
-    for name in toy_cfg.SECTIONS:
-        toy_cfg.section(params, name)
+    registry.validate_all(params)
+    for name in registry.sections():
+        registry.section(params, name)
     for stage in STAGES.values():
         stage.validate(params)
     tiny_path = tmp_path / "params.yaml"
@@ -113,12 +116,19 @@ def test_command_line_exit_code_and_message(params, tmp_path):
     assert "toy2d_train.ma.weight = -1" in proc.stderr
 
 
-def test_dvc_stages_match_the_stage_runner():
+def test_dvc_stages_match_the_registry():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert set(dvc) == set(STAGES)
+    owner = {s.name: t for t in registry.tiers().values() for s in t.stages}
     for name, stage in dvc.items():
         spec = STAGES[name]
         assert stage["cmd"] == f"python -m replication.stage {name}"
         assert spec.notebook in stage["deps"], f"{name}: notebook is not a dependency"
-        assert set(spec.sections) <= set(stage["params"]), f"{name}: params sections missing"
+        assert set(registry.HARNESS_FILES) <= set(stage["deps"]), f"{name}: harness files missing"
+        assert f"replication/{owner[name].name}" in stage["deps"], f"{name}: tier folder missing"
+        assert set(stage["params"]) == {"profile", *spec.sections}, f"{name}: params sections differ"
         assert (ROOT / spec.notebook).exists()
+        outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+        metrics = [next(iter(m)) for m in stage.get("metrics", [])]
+        assert f"{spec.out_dir}/{Path(spec.notebook).stem}.ipynb" in outs
+        assert all(m.startswith(spec.out_dir + "/") for m in metrics)

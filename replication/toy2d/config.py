@@ -1,36 +1,40 @@
-"""Dataclasses for the 2-D tier's ``params.yaml`` sections (``toy2d``, ``toy2d_train``, ...)."""
+"""Dataclasses for the 2-D tier's ``params.yaml`` sections (``toy2d``, ``toy2d_train``, ...).
+
+Library settings are the library's own dataclasses (``TimeMLPConfig``, ``ReflowPairConfig``,
+``PeRFlowConfig``, ``MAConfig``), which validate themselves; the classes here add only what the tier
+itself decides (which students, which evaluation) and the checks that span several fields.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from marflow_core.errors import InvalidParameter
-from marflow_core.marginal import MAConfig
-from marflow_core.perflow import WINDOW_STARTS
-from marflow_core.solvers import FIXED_METHODS
-from marflow_core.training import TrainConfig
+import torch
 
-from ..config import fail, from_dict, require
+from marflow_core import (
+    GaussianMixtureTeacher,
+    MAConfig,
+    PeRFlowConfig,
+    ReflowPairConfig,
+    TimeMLPConfig,
+    TrainConfig,
+)
+
+from ..config import require
 
 METHODS: tuple[str, ...] = ("reflow", "perflow")
 
 
 @dataclass
 class MixtureConfig:
-    """``x1 ~ sum_i weights_i N(means_i, stds_i^2 I)``."""
+    """``x1 ~ sum_i weights_i N(means_i, stds_i^2 I)`` in 2-D."""
 
     weights: list[float]
     means: list[list[float]]
     stds: list[float]
 
     def validate(self, where: str) -> None:
-        n = len(self.weights)
-        require(n >= 1, f"{where}.weights", self.weights, "need at least one component")
-        require(len(self.means) == n, f"{where}.means", self.means, f"need {n} means")
-        require(len(self.stds) == n, f"{where}.stds", self.stds, f"need {n} stds")
-        require(all(w > 0 for w in self.weights), f"{where}.weights", self.weights, "must be > 0")
-        require(all(s > 0 for s in self.stds), f"{where}.stds", self.stds, "must be > 0")
+        GaussianMixtureTeacher(self.weights, self.means, self.stds, dtype=torch.float64)
         require(all(len(m) == 2 for m in self.means), f"{where}.means", self.means, "must be 2-D points")
 
 
@@ -43,44 +47,6 @@ class Toy2DConfig:
     def validate(self, where: str) -> None:
         require(self.device == "cpu" or self.device.startswith("cuda"), f"{where}.device", self.device,
                 "must be 'cpu' or 'cuda[:n]'")
-
-
-@dataclass
-class ModelConfig:
-    hidden: int = 128
-    depth: int = 3
-    time_dim: int = 32
-
-    def validate(self, where: str) -> None:
-        for key in ("hidden", "depth", "time_dim"):
-            value = getattr(self, key)
-            require(value >= 1, f"{where}.{key}", value, "must be >= 1")
-        require(self.time_dim % 2 == 0, f"{where}.time_dim", self.time_dim, "must be even")
-
-
-@dataclass
-class ReflowPairsConfig:
-    n_pairs: int = 20000
-    shard_size: int = 5000
-    steps: int = 32
-    solver: str = "rk4"
-
-    def validate(self, where: str) -> None:
-        for key in ("n_pairs", "shard_size", "steps"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
-        require(self.solver in FIXED_METHODS, f"{where}.solver", self.solver, f"one of {FIXED_METHODS}")
-
-
-@dataclass
-class PeRFlowConfig:
-    teacher_steps: int = 4
-    solver: str = "rk4"
-    start: str = "noised_data"
-
-    def validate(self, where: str) -> None:
-        require(self.teacher_steps >= 1, f"{where}.teacher_steps", self.teacher_steps, "must be >= 1")
-        require(self.solver in FIXED_METHODS, f"{where}.solver", self.solver, f"one of {FIXED_METHODS}")
-        require(self.start in WINDOW_STARTS, f"{where}.start", self.start, f"one of {WINDOW_STARTS}")
 
 
 @dataclass
@@ -98,6 +64,9 @@ class StudentConfig:
         if self.ma_weight is not None:
             require(self.ma_weight >= 0, f"{where}.ma_weight", self.ma_weight, "lambda must be >= 0")
 
+    def inactive_fields(self) -> dict[str, str]:
+        return {} if self.ma else {"ma_weight": "this student has ma: false"}
+
 
 @dataclass
 class TrainStageConfig:
@@ -109,8 +78,8 @@ class TrainStageConfig:
     checkpoint_every: int = 500
     snapshot_every: int = 0
     log_every: int = 50
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reflow_pairs: ReflowPairsConfig = field(default_factory=ReflowPairsConfig)
+    model: TimeMLPConfig = field(default_factory=TimeMLPConfig)
+    reflow_pairs: ReflowPairConfig = field(default_factory=ReflowPairConfig)
     perflow: PeRFlowConfig = field(default_factory=PeRFlowConfig)
     ma: MAConfig = field(default_factory=MAConfig)
     students: dict[str, StudentConfig] = field(default_factory=dict)
@@ -123,10 +92,7 @@ class TrainStageConfig:
 
     def validate(self, where: str) -> None:
         require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
-        try:
-            self.train_config(seed=0)
-        except InvalidParameter as err:
-            fail(f"{where}.{err.key}", err.value, err.why)
+        self.train_config(seed=0)  # raises InvalidParameter, mapped to the key path by from_dict
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
         weights = self.ma.window_weights
         if weights is not None:
@@ -134,10 +100,25 @@ class TrainStageConfig:
                 require(not student.ma or len(weights) == student.windows, f"{where}.ma.window_weights",
                         weights, f"needs one weight per window; student {name!r} has K = {student.windows}")
 
+    def inactive_fields(self) -> dict[str, str]:
+        students = self.students.values()
+        unused = {}
+        if not any(s.ma for s in students):
+            unused["ma"] = "no student has ma: true"
+        for method, key in (("reflow", "reflow_pairs"), ("perflow", "perflow")):
+            if not any(s.method == method for s in students):
+                unused[key] = f"no student has method: {method}"
+        return unused
+
+
+def _positive(obj, where: str, keys: tuple[str, ...], minimum: int = 1) -> None:
+    for key in keys:
+        require(getattr(obj, key) >= minimum, f"{where}.{key}", getattr(obj, key), f"must be >= {minimum}")
+
 
 @dataclass
 class EvalConfig:
-    """Shared by the evaluation notebooks."""
+    """Shared by the evaluation notebooks; ``seed`` is the root of every evaluation stream."""
 
     n_samples: int = 20000
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -151,8 +132,8 @@ class EvalConfig:
         require(self.n_samples >= 2, f"{where}.n_samples", self.n_samples, "must be >= 2")
         require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe,
                 "steps must be >= 1")
-        for key in ("sw_projections", "mmd_samples", "tm_eval_batch", "teacher_steps"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
+        _positive(self, where, ("sw_projections", "tm_eval_batch", "teacher_steps"))
+        _positive(self, where, ("mmd_samples",), minimum=2)
 
 
 @dataclass
@@ -163,24 +144,28 @@ class Fig1Config:
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
-        require(self.nfe_show >= 1, f"{where}.nfe_show", self.nfe_show, "must be >= 1")
-        require(self.n_show >= 1, f"{where}.n_show", self.n_show, "must be >= 1")
-        require(self.n_trajectories >= 0, f"{where}.n_trajectories", self.n_trajectories, "must be >= 0")
+        _positive(self, where, ("nfe_show", "n_show"))
+        _positive(self, where, ("n_trajectories",), minimum=0)
 
 
 @dataclass
 class UnderdeterminationConfig:
+    """``tm_equal_within_se``: two snapshots count as having the same TM loss when their paired
+    difference (both scored on one batch) is within this many paired standard errors."""
+
     rotation_degrees: float = 30.0
     n_samples: int = 20000
     teacher_steps: int = 64
     nfe: int = 4
+    tm_equal_within_se: float = 2.0
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
         require(0 < abs(self.rotation_degrees) < 360, f"{where}.rotation_degrees", self.rotation_degrees,
                 "must be a non-zero angle in (-360, 360)")
-        for key in ("n_samples", "teacher_steps", "nfe"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
+        require(self.tm_equal_within_se > 0, f"{where}.tm_equal_within_se", self.tm_equal_within_se,
+                "must be > 0")
+        _positive(self, where, ("n_samples", "teacher_steps", "nfe"))
 
 
 @dataclass
@@ -192,8 +177,8 @@ class TVBoundConfig:
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
-        for key in ("steps_per_window", "ode_substeps", "ode_euler_steps", "n_samples"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
+        _positive(self, where, ("steps_per_window", "ode_substeps", "ode_euler_steps"))
+        _positive(self, where, ("n_samples",), minimum=2)
 
 
 SECTIONS: dict[str, type] = {
@@ -205,13 +190,6 @@ SECTIONS: dict[str, type] = {
     "tv_bound": TVBoundConfig,
 }
 
-
-def section(params: dict[str, Any], name: str):
-    """Validated dataclass of section ``name`` of a params dict."""
-    return from_dict(SECTIONS[name], params.get(name, {}), name)
-
-
-def check_students_exist(names: list[str], train: TrainStageConfig, where: str) -> None:
-    for i, name in enumerate(names):
-        require(name in train.students, f"{where}[{i}]", name,
-                f"no such student in toy2d_train.students ({sorted(train.students)})")
+__all__ = ["METHODS", "SECTIONS", "EvalConfig", "Fig1Config", "MixtureConfig",
+           "StudentConfig", "TVBoundConfig", "Toy2DConfig", "TrainStageConfig",
+           "UnderdeterminationConfig"]

@@ -9,18 +9,23 @@ from marflow_core import (
     GaussianMixtureTeacher,
     PeRFlowSampler,
     ReflowPairSampler,
+    TimeWindows,
+    derive_seed,
     odeint_fixed,
     sample_few_step,
+    stream,
+    trajectory_matching_loss,
     uniform_grid,
 )
 from marflow_core.reflow import teacher_pairs
+from marflow_core.trajectory import WindowBatch
 
 from .config import EvalConfig
 from .metrics import (
     Estimate,
     as_row,
-    eval_tm_loss,
     kl_tv,
+    mc_mean,
     mmd_rbf,
     mode_mass,
     sampler_densities,
@@ -28,29 +33,52 @@ from .metrics import (
 )
 from .tier import DIM, TrainedStudent
 
+# Named random streams of the evaluation (children of ``toy2d_eval.seed``, see marflow_core.seeding).
+NOISE, REFERENCE, REFERENCE_B, SLICED, TM_BATCH, TM_PAIRS = (
+    "eval-noise", "eval-reference", "eval-reference-b", "sliced-w2", "tm-batch", "tm-pairs")
+
 
 def eval_noise(cfg: EvalConfig, n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The shared evaluation noise ``(n, 2)``: every student maps the same ``x0``."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return torch.randn(n or cfg.n_samples, DIM, generator=gen).to(device)
+    return torch.randn(n or cfg.n_samples, DIM, generator=stream(cfg.seed, NOISE)).to(device)
+
+
+def reference_samples(teacher: GaussianMixtureTeacher, cfg: EvalConfig, name: str = REFERENCE):
+    """``(n_samples, 2)`` exact teacher samples of stream ``name``."""
+    return teacher.sample(cfg.n_samples, 1.0, stream(cfg.seed, name))
+
+
+@torch.no_grad()
+def tm_eval_batch(
+    method: str, windows: TimeWindows, teacher: GaussianMixtureTeacher, cfg: EvalConfig
+) -> WindowBatch:
+    """The fresh window batch on which every student of ``method`` with these windows is scored.
+
+    Reflow: teacher pairs from noise; PeRFlow: online window starts from noised data; both with a
+    fine (``cfg.teacher_steps`` RK4) teacher solve. Every student of one method and window count sees
+    the same batch, so differences between students are paired.
+    """
+    gen = stream(cfg.seed, TM_BATCH)
+    if method == "reflow":
+        x0, x1 = teacher_pairs(teacher, cfg.tm_eval_batch, (DIM,), derive_seed(cfg.seed, TM_PAIRS),
+                               cfg.teacher_steps, device=teacher.means.device)
+        return ReflowPairSampler(x0, x1, cfg.tm_eval_batch)(None, gen)
+    sampler = PeRFlowSampler(windows, teacher, cfg.teacher_steps, "rk4", "noised_data")
+    return sampler(teacher.sample(cfg.tm_eval_batch, 1.0, gen), gen)
+
+
+@torch.no_grad()
+def tm_losses(student: TrainedStudent, teacher: GaussianMixtureTeacher, cfg: EvalConfig) -> torch.Tensor:
+    """``(tm_eval_batch,)`` per-sample trajectory-matching losses on the student's evaluation batch."""
+    wb = tm_eval_batch(student.config.method, student.windows, teacher, cfg)
+    return trajectory_matching_loss(student.model, wb, per_sample=True)
 
 
 def tm_loss_exact_teacher(
     student: TrainedStudent, teacher: GaussianMixtureTeacher, cfg: EvalConfig
 ) -> Estimate:
-    """``L_TM`` of a student on fresh data, with a fine (``cfg.teacher_steps`` RK4) teacher solve.
-
-    Reflow students are scored on fresh teacher pairs from noise, PeRFlow students on online window
-    starts from noised data: each on the objective it was trained for, never on its training batches.
-    """
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    if student.config.method == "reflow":
-        x0, x1 = teacher_pairs(teacher, cfg.tm_eval_batch, (DIM,), cfg.seed + 2, cfg.teacher_steps,
-                               device=teacher.means.device)
-        sampler = ReflowPairSampler(x0, x1, cfg.tm_eval_batch)
-        return eval_tm_loss(student.model, sampler, None, gen)
-    sampler = PeRFlowSampler(student.windows, teacher, cfg.teacher_steps, "rk4", "noised_data")
-    return eval_tm_loss(student.model, sampler, teacher.sample(cfg.tm_eval_batch, 1.0, gen), gen)
+    """``L_TM`` of a student on fresh data (never its training batches), with its MC error."""
+    return mc_mean(tm_losses(student, teacher, cfg))
 
 
 def evaluate_student(
@@ -58,12 +86,12 @@ def evaluate_student(
 ) -> list[dict[str, object]]:
     """One row per NFE: exact KL / TV (with MC errors), mode mass, SW, MMD, folding, TM loss."""
     x0 = eval_noise(cfg, device=teacher.means.device)
-    reference = teacher.sample(cfg.n_samples, 1.0, torch.Generator().manual_seed(cfg.seed + 3))
+    reference = reference_samples(teacher, cfg)
     tm = tm_loss_exact_teacher(student, teacher, cfg)
     rows = []
     for nfe in cfg.nfe:
         dens = sampler_densities(student.model, student.windows, nfe, x0, teacher)
-        gen = torch.Generator().manual_seed(cfg.seed + 4)
+        gen = stream(cfg.seed, SLICED)
         modes = mode_mass(dens.y, teacher)
         m = cfg.mmd_samples
         rows.append(as_row(
@@ -80,9 +108,8 @@ def evaluate_student(
 
 def reference_floor(teacher: GaussianMixtureTeacher, cfg: EvalConfig) -> dict[str, float]:
     """SW and MMD between two independent exact teacher sample sets: the metrics' noise floor."""
-    a = teacher.sample(cfg.n_samples, 1.0, torch.Generator().manual_seed(cfg.seed + 3))
-    b = teacher.sample(cfg.n_samples, 1.0, torch.Generator().manual_seed(cfg.seed + 5))
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    a, b = reference_samples(teacher, cfg), reference_samples(teacher, cfg, REFERENCE_B)
+    gen = stream(cfg.seed, SLICED)
     m = cfg.mmd_samples
     return {"sliced_w2": sliced_wasserstein(b, a, cfg.sw_projections, gen), "mmd2": mmd_rbf(b[:m], a[:m]),
             **{k: v for k, v in mode_mass(b, teacher).items() if k not in ("mass", "off_mode_se")}}
@@ -99,6 +126,16 @@ def student_paths(student: TrainedStudent, x0: torch.Tensor, nfe: int) -> torch.
     """``(nfe + 1, B, 2)`` states of the few-step sampler."""
     _, path = sample_few_step(student.model, x0, student.windows, nfe, return_path=True)
     return torch.stack(path)
+
+
+def density_grid(teacher: GaussianMixtureTeacher, n: int = 200, margin_stds: float = 4.0):
+    """``(gx, gy, density, lim)``: the exact ``p_1`` on an ``n x n`` grid over ``[-lim, lim]^2``."""
+    lim = float(teacher.means.abs().max() + margin_stds * teacher.stds.max())
+    axis = torch.linspace(-lim, lim, n, dtype=teacher.means.dtype)
+    gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+    points = torch.stack([gx.flatten(), gy.flatten()], 1).to(teacher.means.device)
+    density = teacher.log_prob(points, 1.0).exp().reshape(n, n).cpu()
+    return gx, gy, density, lim
 
 
 @torch.no_grad()

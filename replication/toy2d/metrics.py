@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from marflow_core import GaussianMixtureTeacher, TimeWindows, euler_map_with_logdet
-from marflow_core.divergence import Field
-from marflow_core.trajectory import WindowBatchSampler, trajectory_matching_loss
+from marflow_core import GaussianMixtureTeacher, TimeWindows, VelocityField, euler_map_with_logdet
 
 
 @dataclass
@@ -31,8 +29,16 @@ class Estimate:
 
 
 def mc_mean(samples: torch.Tensor) -> Estimate:
+    """Mean of i.i.d. ``samples`` and its standard error ``std / sqrt(n)``."""
     n = samples.numel()
     return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(n)) if n > 1 else math.nan)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> Estimate:
+    """``mean(a - b)`` with its paired standard error: ``a[i]`` and ``b[i]`` are scored on one sample."""
+    if a.shape != b.shape:
+        raise ValueError(f"a paired difference needs equal shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
+    return mc_mean(a - b)
 
 
 def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ class MapDensities:
 
 
 def sampler_densities(
-    model: Field, windows: TimeWindows, n_steps: int, x0: torch.Tensor, teacher: GaussianMixtureTeacher
+    model: VelocityField, windows: TimeWindows, n_steps: int, x0: torch.Tensor, teacher: GaussianMixtureTeacher
 ) -> MapDensities:
     """The ``n_steps`` Euler sampler from ``x0 ~ N(0, I)``: exact ``log q`` and the teacher's ``log p_1``."""
     grid = windows.step_grid(n_steps, strict=False).to(dtype=x0.dtype, device=x0.device)
@@ -68,7 +74,7 @@ def sampler_densities(
 
 
 def window_densities(
-    model: Field, teacher: GaussianMixtureTeacher, t_start: float, t_end: float, steps: int,
+    model: VelocityField, teacher: GaussianMixtureTeacher, t_start: float, t_end: float, steps: int,
     n: int, generator: torch.Generator,
 ) -> MapDensities:
     """One window: ``x ~ p^T_{t_start}`` exactly, ``y = Euler map``; ``log p`` is ``p^T_{t_end}``."""
@@ -118,12 +124,6 @@ def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = (0
     return float(term_a + term_b - 2 * kab.mean())
 
 
-@torch.no_grad()
-def eval_tm_loss(model: Field, sampler: WindowBatchSampler, batch, generator: torch.Generator) -> Estimate:
-    """Trajectory-matching loss on a fresh window batch (no training), with its MC error."""
-    return mc_mean(trajectory_matching_loss(model, sampler(batch, generator), per_sample=True))
-
-
 def as_row(**values) -> dict[str, object]:
     """Flatten ``Estimate`` values into ``name`` / ``name_se`` columns."""
     row: dict[str, object] = {}
@@ -135,6 +135,6 @@ def as_row(**values) -> dict[str, object]:
     return row
 
 
-__all__ = ["Estimate", "MapDensities", "as_row", "eval_tm_loss", "kl_tv", "mc_mean",
+__all__ = ["Estimate", "MapDensities", "as_row", "kl_tv", "mc_mean", "paired_difference",
            "mmd_rbf", "mode_mass", "sampler_densities", "sliced_wasserstein",
            "standard_normal_log_prob", "window_densities"]

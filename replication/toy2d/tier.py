@@ -18,6 +18,7 @@ from marflow_core import (
     ReflowPairSampler,
     TimeMLP,
     TimeWindows,
+    TrainResult,
     generate_reflow_pairs,
     load_checkpoint,
     load_pairs,
@@ -36,8 +37,7 @@ def make_teacher(cfg: Toy2DConfig) -> GaussianMixtureTeacher:
 
 
 def make_model(train_cfg: TrainStageConfig, device: str = "cpu") -> TimeMLP:
-    m = train_cfg.model
-    return TimeMLP(DIM, m.hidden, m.depth, m.time_dim).to(device)
+    return TimeMLP.from_config(DIM, train_cfg.model).to(device)
 
 
 def ma_config(train_cfg: TrainStageConfig, student: StudentConfig) -> MAConfig | None:
@@ -79,7 +79,7 @@ def build_objective(
         batch_fn = lambda step, gen: None  # noqa: E731  (the pair bank is the data)
     else:
         p = train_cfg.perflow
-        sampler = PeRFlowSampler(windows, teacher, p.teacher_steps, p.solver, p.start)
+        sampler = PeRFlowSampler.from_config(windows, teacher, p)
         batch_fn = lambda step, gen: teacher.sample(train_cfg.batch_size, 1.0, gen)  # noqa: E731
     return DistillationObjective(sampler, teacher, ma_config(train_cfg, student)), batch_fn
 
@@ -129,6 +129,27 @@ def train_student(
     result = train(model, objective, batch_fn, train_cfg.train_config(toy.seed),
                    checkpoint_root / name, progress, desc=name)
     return result
+
+
+def train_students(
+    train_cfg: TrainStageConfig, toy: Toy2DConfig, checkpoint_root: Path, progress: bool = True
+) -> dict[str, TrainResult]:
+    """Train (or resume) every student of ``train_cfg``, in order; results by name."""
+    return {name: train_student(name, student, train_cfg, toy, checkpoint_root, progress)
+            for name, student in train_cfg.students.items()}
+
+
+LOSS_LABELS = {"tm": "trajectory matching L_TM", "ma": "MA surrogate L_MA"}
+
+
+def loss_curves(histories: dict[str, list[dict[str, float]]]):
+    """Long-format frame (student, step, term, value) of the logged ``tm`` and ``ma`` losses."""
+    import pandas as pd
+
+    rows = [{"student": name, "step": record["step"], "term": label, "value": record[part]}
+            for name, history in histories.items() for record in history
+            for part, label in LOSS_LABELS.items() if part in record]
+    return pd.DataFrame(rows)
 
 
 def load_student(

@@ -1,0 +1,130 @@
+"""The tier registry: how a tier tells the harness its params sections and its notebook stages.
+
+The harness (``stage.py``, ``notebook.py``, ``profile.py``, ``retrain.py``) imports no tier. A tier is
+a sub-package of ``replication`` with a module ``stages.py`` that defines ``TIER = Tier(...)``; it is
+found by ``tiers()`` at run time, so a new tier plugs in by adding files, never by editing the runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, from_dict, require
+
+#: harness files every stage depends on (``dvc.yaml`` lists them; a test checks it)
+HARNESS_FILES: tuple[str, ...] = (
+    "replication/config.py",
+    "replication/notebook.py",
+    "replication/registry.py",
+    "replication/reproducible.py",
+    "replication/stage.py",
+)
+#: top-level ``params.yaml`` keys that belong to no tier
+GLOBAL_KEYS: tuple[str, ...] = ("profile",)
+
+CrossCheck = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A notebook stage: its ``notebooks/<name>.py``, the params ``sections`` it reads (the notebook
+    receives exactly these), its results folder and the cross-section ``checks`` run before work."""
+
+    name: str
+    notebook: str
+    sections: tuple[str, ...]
+    out_dir: str
+    checks: tuple[CrossCheck, ...] = ()
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The stage's sections as given, after validating each and the cross-section checks."""
+        for name in self.sections:
+            section(params, name)
+        for check in self.checks:
+            check(params)
+        return {name: params.get(name, {}) for name in self.sections}
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A tier: its params ``sections`` (name -> dataclass), its ``stages`` and the folders its
+    training stages persist between runs (``retrain`` deletes them to start from scratch)."""
+
+    name: str
+    sections: dict[str, type]
+    stages: tuple[StageSpec, ...]
+    persistent_outputs: tuple[str, ...] = field(default_factory=tuple)
+
+
+@cache
+def tiers() -> dict[str, Tier]:
+    """Every tier: each ``replication/<pkg>/stages.py`` that defines ``TIER``."""
+    package = importlib.import_module(__package__)
+    found: dict[str, Tier] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.ispkg:
+            continue
+        pkg_dir = Path(package.__path__[0]) / info.name
+        if not (pkg_dir / "stages.py").exists():
+            continue
+        tier = importlib.import_module(f"{__package__}.{info.name}.stages").TIER
+        if not isinstance(tier, Tier):
+            raise TypeError(f"replication/{info.name}/stages.py: TIER must be a Tier")
+        found[tier.name] = tier
+    _check_unique(found)
+    return found
+
+
+def _check_unique(found: dict[str, Tier]) -> None:
+    owners: dict[str, str] = {}
+    for tier in found.values():
+        for name in [*tier.sections, *(s.name for s in tier.stages)]:
+            if name in owners and owners[name] != tier.name:
+                raise ValueError(f"{name!r} is claimed by tiers {owners[name]!r} and {tier.name!r}")
+            owners[name] = tier.name
+
+
+def sections() -> dict[str, type]:
+    """Every params section of every tier: name -> dataclass."""
+    return {name: cls for tier in tiers().values() for name, cls in tier.sections.items()}
+
+
+def stages() -> dict[str, StageSpec]:
+    """Every stage of every tier, by name."""
+    return {stage.name: stage for tier in tiers().values() for stage in tier.stages}
+
+
+def stage(name: str) -> StageSpec:
+    """The stage called ``name``; an unknown name raises ``ConfigError`` listing the known ones."""
+    known = stages()
+    if name not in known:
+        raise ConfigError(f"stage = {name!r}: unknown stage; known stages: {sorted(known)}")
+    return known[name]
+
+
+def section(params: dict[str, Any], name: str):
+    """The validated dataclass of section ``name`` of a params dict."""
+    known = sections()
+    if name not in known:
+        raise ConfigError(f"{name} = ...: unknown params section; known: {sorted(known)}")
+    return from_dict(known[name], params.get(name, {}), name)
+
+
+def validate_all(params: dict[str, Any]) -> None:
+    """Every section present, every stage's cross-section checks, and no unknown top-level key."""
+    known = sections()
+    for key in params:
+        require(key in known or key in GLOBAL_KEYS, key, params[key],
+                f"unknown params section; known: {sorted([*known, *GLOBAL_KEYS])}")
+    for name in known:
+        if name in params:
+            section(params, name)
+    for spec in stages().values():
+        if all(name in params for name in spec.sections):
+            spec.validate(params)

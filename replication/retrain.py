@@ -1,0 +1,46 @@
+"""Retrain from scratch: ``python -m replication.retrain``.
+
+``dvc repro -f`` re-executes every stage, but a training stage resumes from its persisted
+checkpoints when they were made with the same params and library code, so a finished run is not
+retrained. This command deletes the persisted outputs of every tier's training stages (listed by
+each tier's ``persistent_outputs``) and then runs ``dvc repro -f``, so every student is trained anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .registry import tiers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def persistent_outputs(tier_names: list[str] | None = None) -> list[Path]:
+    chosen = tiers() if not tier_names else {n: tiers()[n] for n in tier_names}
+    return [REPO_ROOT / out for tier in chosen.values() for out in tier.persistent_outputs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", action="append", help="only this tier (repeatable); default all")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.tier or []) - set(tiers()))
+    if unknown:
+        print(f"error: unknown tier {unknown[0]!r}; known tiers: {sorted(tiers())}", file=sys.stderr)
+        return 2
+    for path in persistent_outputs(args.tier):
+        print(f"{'would delete' if args.dry_run else 'deleting'} {path.relative_to(REPO_ROOT)}")
+        if not args.dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(["dvc", "repro", "-f"], cwd=REPO_ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
