@@ -82,12 +82,15 @@ def tiers() -> dict[str, Tier]:
 
 
 def _check_unique(found: dict[str, Tier]) -> None:
-    owners: dict[str, str] = {}
-    for tier in found.values():
-        for name in [*tier.sections, *(s.name for s in tier.stages)]:
-            if name in owners and owners[name] != tier.name:
-                raise ValueError(f"{name!r} is claimed by tiers {owners[name]!r} and {tier.name!r}")
-            owners[name] = tier.name
+    """A params section or a stage name belongs to one tier only."""
+    for kind in ("section", "stage"):
+        owners: dict[str, str] = {}
+        for tier in found.values():
+            for name in tier.sections if kind == "section" else [s.name for s in tier.stages]:
+                if name in owners:
+                    raise ValueError(f"{kind} {name!r} is claimed by tiers {owners[name]!r} and "
+                                     f"{tier.name!r}")
+                owners[name] = tier.name
 
 
 def sections() -> dict[str, type]:

@@ -1,12 +1,16 @@
-"""Smoke run of the whole DVC pipeline on the tiny profile, in a temporary copy of the repository.
+"""Smoke run of the whole DVC pipeline on the tiny profile, in a temporary git copy of the repository.
 
-Checks that `dvc repro` runs every stage, that the executed notebooks have no error cells and that
-their metrics and figures exist, and that a second `dvc repro` has nothing to do.
+Checks that `dvc repro` runs every stage with no error cells and writes every declared output; that
+what the notebooks claim holds wherever it must hold on any profile (recomputed here from the
+numbers in their metrics, not read from a flag the code under test sets); that a second `dvc repro`
+has nothing to do; and that `dvc repro -f` re-executes everything and leaves the committed tree
+byte-identical (`git status` clean).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +22,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+GIT = ["git", "-c", "user.name=marflow-test", "-c", "user.email=test@invalid", "-c",
+       "commit.gpgsign=false"]
 
 
 def _project_files() -> list[str]:
@@ -35,19 +41,11 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
     return proc
 
 
-@pytest.mark.slow
-def test_tiny_profile_pipeline_end_to_end(tmp_path):
-    if shutil.which("git") is None or shutil.which("dvc") is None:
-        pytest.fail("git and dvc must be installed (see README)")
-    repo = tmp_path / "repo"
-    for rel in _project_files():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, repo / rel)
-    _run(["git", "init", "-q"], repo)
-    _run([sys.executable, "-m", "replication.profile", "tiny"], repo)
+def _metrics(repo: Path, rel: str) -> dict:
+    return json.loads((repo / rel).read_text())
 
-    _run(["dvc", "repro"], repo)
 
+def _check_outputs(repo: Path) -> None:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         for out in stage["outs"]:
@@ -59,18 +57,79 @@ def test_tiny_profile_pipeline_end_to_end(tmp_path):
                           if o.get("output_type") == "error"]
                 assert not errors, f"{path.name} has error cells: {errors[0].get('ename')}"
         for entry in stage.get("metrics", []):
-            data = json.loads((repo / next(iter(entry))).read_text())
-            assert data, f"{name}: empty metrics"
+            assert _metrics(repo, next(iter(entry))), f"{name}: empty metrics"
         for entry in stage.get("plots", []):
             png = repo / next(iter(entry))
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
 
-    fig1 = json.loads((repo / "results/toy2d/fig1_mog/metrics.json").read_text())
-    students = {row["student"] for row in fig1["table"]}
-    assert students == {"reflow", "reflow_ma", "perflow", "perflow_ma"}
-    assert {row["nfe"] for row in fig1["table"]} == {1, 2, 4, 8}
+
+def _check_claims(repo: Path, params: dict) -> None:
+    """What the notebooks state that must hold on any profile, recomputed from their numbers."""
+    students = params["toy2d_train"]["students"]
+    fig1 = _metrics(repo, "results/toy2d/fig1_mog/metrics.json")
+    assert {(r["student"], r["nfe"]) for r in fig1["table"]} == {
+        (s, n) for s in students for n in params["toy2d_eval"]["nfe"]}
+    for r in fig1["table"]:
+        assert 0.0 <= r["tv"] <= 1.0 and 0.0 <= r["folded"] <= 1.0 and 0.0 <= r["off_mode"] <= 1.0
+        assert r["kl"] >= -3 * r["kl_se"], r  # a KL is >= 0 up to Monte-Carlo error
+        assert r["tv"] <= math.sqrt(max(r["kl"], 0) / 2) + 3 * (r["tv_se"] + r["kl_se"]) or r["folded"] > 0
+    assert fig1["n_samples"] == params["toy2d_eval"]["n_samples"]
+
+    # TV bound: data processing and Pinsker, term by term, for every student
+    tv = _metrics(repo, "results/toy2d/tv_bound/metrics.json")
+    for row in tv["summary"]:
+        k = students[row["student"]]["windows"]
+        windows = [w for w in tv["windows"] if w["student"] == row["student"]]
+        assert [w["window"] for w in windows] == list(range(k))
+        assert row["sum_local_tv"] == pytest.approx(sum(w["local_tv"] for w in windows))
+        pinsker = sum(math.sqrt(max(w["local_kl"], 0) / 2) for w in windows)
+        assert row["pinsker_local_kl"] == pytest.approx(pinsker)
+        slack = 2 * math.hypot(row["final_tv_se"], row["sum_local_tv_se"])
+        assert row["final_tv"] <= row["sum_local_tv"] + slack, row
+        assert row["sum_local_tv"] <= row["pinsker_local_kl"] + 2 * row["sum_local_tv_se"], row
+    sampler_checks = [c for c in tv["checks"] if c["name"].startswith("sampler")]
+    assert sampler_checks and all(c["holds"] for c in sampler_checks)
+
+    # under-determination: equal matching errors, the rotated student keeps the teacher's marginal
+    ud = {r["student"]: r for r in _metrics(repo, "results/toy2d/underdetermination/metrics.json")["analytic"]}
+    teacher, rotated, shifted = ud["teacher T"], ud["rotated T(R x0)"], ud["shifted T(x0) + c"]
+    assert teacher["matching_error"] == 0.0 and rotated["matching_error"] > 0
+    assert shifted["matching_error"] == pytest.approx(rotated["matching_error"], rel=1e-5)
+    assert abs(rotated["kl"] - teacher["kl"]) <= 4 * math.hypot(rotated["kl_se"], teacher["kl_se"])
+    assert shifted["kl"] > rotated["kl"] + 5 * math.hypot(shifted["kl_se"], rotated["kl_se"])
+    snaps = _metrics(repo, "results/toy2d/underdetermination/metrics.json")["snapshots"]
+    train = params["toy2d_train"]
+    per_student = train["steps"] // train["snapshot_every"]
+    assert len(snaps) == per_student * len(params["underdetermination"]["students"])
+    pair = _metrics(repo, "results/toy2d/underdetermination/metrics.json")["closest_pair"]
+    if pair is not None:
+        assert abs(pair["tm_difference"]) <= pair["within_se"] * pair["tm_difference_paired_se"]
+
+
+@pytest.mark.slow
+def test_tiny_profile_pipeline_end_to_end(tmp_path):
+    if shutil.which("git") is None or shutil.which("dvc") is None:
+        pytest.fail("git and dvc must be installed (see README)")
+    repo = tmp_path / "repo"
+    for rel in _project_files():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, repo / rel)
+    _run(["git", "init", "-q"], repo)
+    _run([sys.executable, "-m", "replication.profile", "tiny"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+
+    _run(["dvc", "repro"], repo)
+    _check_outputs(repo)
+    _check_claims(repo, params)
 
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again.stdout, again.stdout
+
+    _run([*GIT, "add", "-A"], repo)
+    _run([*GIT, "commit", "-qm", "first run"], repo)
+    forced = _run(["dvc", "repro", "-f"], repo)
+    assert forced.stdout.count("Running stage") == len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    dirty = _run(["git", "status", "--porcelain"], repo).stdout
+    assert dirty == "", f"dvc repro -f changed the committed tree:\n{dirty}"
     status = _run(["dvc", "status"], repo)
     assert "up to date" in status.stdout, status.stdout
