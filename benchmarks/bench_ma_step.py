@@ -1,12 +1,13 @@
 """Cost of the marginal-alignment (MA) term on the 2-D tier, and exact vs Hutchinson divergence.
 
-One run measures (CPU by default):
+The setup is read from the tier's config (``--params``, default ``params.yaml``: the active
+profile): its mixture teacher, its student architecture, its batch size, and the objectives of its
+``perflow`` and ``perflow_ma`` students (window count, teacher solve, MA settings). One run measures
+(CPU by default):
 
-* one full training step (sample a window batch, forward, backward, grad clip, Adam) for PeRFlow
-  alone, for PeRFlow + MA (``MAConfig()`` defaults: 2 Euler sub-steps, exact trace) and for the
-  2-D tier's MA setting (one Euler sub-step, exact discrete log-det), with a
-  ``TimeMLP(2, 64, 2)`` student (the 2-D tier's default), the exact Gaussian-mixture teacher, batch 512, ``TimeWindows(4)``
-  and a ``PeRFlowSampler`` (rk4, M = 4);
+* one full training step (sample a window batch, forward, backward, grad clip, Adam) for the tier's
+  PeRFlow student, for its PeRFlow + MA student (the tier's MA setting) and for PeRFlow + MA with the
+  library's ``MAConfig()`` defaults (continuous log-det, exact trace);
 * ``exact_divergence`` vs ``hutchinson_divergence`` (one probe) on the same model, evaluation-only
   (``create_graph=False``) and training-style (``create_graph=True`` plus a backward pass);
 * optionally (``--high-dim``, on by default) the same divergence comparison for a ``D = 64``
@@ -32,16 +33,16 @@ from torch import nn
 
 from marflow_core import (
     DistillationObjective,
-    GaussianMixtureTeacher,
     MAConfig,
-    PeRFlowSampler,
     TimeMLP,
-    TimeWindows,
     exact_divergence,
     hutchinson_divergence,
     sample_probes,
 )
 from marflow_core.training import step_generator
+from replication.config import load_params
+from replication.registry import section
+from replication.toy2d.tier import build_objective, make_model, make_teacher
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
@@ -54,14 +55,6 @@ def timeit(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, flo
         times.append(time.perf_counter() - tic)
     return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
             "min_ms": 1e3 * min(times)}
-
-
-def make_teacher() -> GaussianMixtureTeacher:
-    """The 2-D tier's default target (params.yaml): six modes on a ring of radius 3, std 0.25."""
-    angles = torch.arange(6) * (2 * torch.pi / 6)
-    means = 3.0 * torch.stack([angles.cos(), angles.sin()], -1)
-    weights = torch.tensor([0.30, 0.20, 0.15, 0.15, 0.10, 0.10])
-    return GaussianMixtureTeacher(weights, means, torch.full((6,), 0.25))
 
 
 def training_step_fn(model: nn.Module, objective, teacher, batch: int, lr: float = 1e-3):
@@ -105,7 +98,7 @@ def divergence_fns(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--params", default="params.yaml", help="the tier's params (active profile)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -116,22 +109,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    teacher = make_teacher()
-    windows = TimeWindows(4)
-    sampler = PeRFlowSampler(windows, teacher, teacher_steps=4, solver="rk4", start="noised_data")
+    params = load_params(args.params)
+    toy, train_cfg = section(params, "toy2d"), section(params, "toy2d_train")
+    args.batch = train_cfg.batch_size
+    teacher = make_teacher(toy)
+    plain, _ = build_objective(train_cfg.students["perflow"], train_cfg, teacher, None)
+    tier_ma, _ = build_objective(train_cfg.students["perflow_ma"], train_cfg, teacher, None)
     results: dict[str, dict[str, float]] = {}
 
-    cases = [("perflow step", None), ("perflow+MA step", MAConfig()),
-             ("perflow+MA discrete step", MAConfig(substeps=1, logdet="discrete"))]
-    for name, ma in cases:
+    cases = [("perflow step", plain), ("perflow+MA step (tier)", tier_ma),
+             ("perflow+MA step (MAConfig())", DistillationObjective(plain.sampler, teacher, MAConfig()))]
+    for name, objective in cases:
         torch.manual_seed(0)
-        model = TimeMLP(2, 64, 2, time_dim=16)
-        objective = DistillationObjective(sampler, teacher, ma)
+        model = make_model(train_cfg)
         results[name] = timeit(training_step_fn(model, objective, teacher, args.batch),
                                args.warmup, args.repeats)
 
     torch.manual_seed(0)
-    model = TimeMLP(2, 64, 2, time_dim=16)
+    model = make_model(train_cfg)
     gen = torch.Generator().manual_seed(1)
     x = teacher.sample(args.batch, 0.5, gen)
     t = torch.rand(args.batch, generator=gen)
@@ -148,9 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"D={d} {name}"] = timeit(fn, args.warmup, args.repeats)
 
     ratios = {
-        "MA step / PeRFlow step": results["perflow+MA step"]["median_ms"] / results["perflow step"]["median_ms"],
-        "MA discrete (n=1, 2-D tier default) / PeRFlow step": (
-            results["perflow+MA discrete step"]["median_ms"] / results["perflow step"]["median_ms"]),
+        "MA step (tier setting) / PeRFlow step": (
+            results["perflow+MA step (tier)"]["median_ms"] / results["perflow step"]["median_ms"]),
+        "MA step (MAConfig()) / PeRFlow step": (
+            results["perflow+MA step (MAConfig())"]["median_ms"] / results["perflow step"]["median_ms"]),
         "D=2 exact / Hutchinson": results["D=2 exact"]["median_ms"] / results["D=2 hutchinson"]["median_ms"],
         "D=2 exact / Hutchinson (+backward)":
             results["D=2 exact+backward"]["median_ms"] / results["D=2 hutchinson+backward"]["median_ms"],
@@ -162,14 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
         ratios[f"D={d} exact / Hutchinson (+backward)"] = (
             results[f"D={d} exact+backward"]["median_ms"] / results[f"D={d} hutchinson+backward"]["median_ms"])
 
+    print(f"setup from {args.params} (profile {params.get('profile')}): {train_cfg.model}, "
+          f"MA {train_cfg.ma}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch} "
           f"(D={args.high_dim} case: {args.high_dim_batch}), warmup {args.warmup}, repeats {args.repeats}")
-    print(f"{'case':<34}{'median ms':>12}{'mean ms':>12}{'min ms':>12}")
+    print(f"{'case':<38}{'median ms':>12}{'mean ms':>12}{'min ms':>12}")
     for name, r in results.items():
-        print(f"{name:<34}{r['median_ms']:>12.2f}{r['mean_ms']:>12.2f}{r['min_ms']:>12.2f}")
+        print(f"{name:<38}{r['median_ms']:>12.2f}{r['mean_ms']:>12.2f}{r['min_ms']:>12.2f}")
     print()
     for name, value in ratios.items():
-        print(f"{name:<40}{value:>8.2f}x")
+        print(f"{name:<46}{value:>8.2f}x")
     total = time.perf_counter() - t_start
     print(f"\ntotal benchmark time {total:.1f} s")
     out = {"results": results, "ratios": ratios, "threads": torch.get_num_threads(),

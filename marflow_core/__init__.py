@@ -1,6 +1,6 @@
 """marflow_core: reflow, PeRFlow and the marginal-alignment regularizer for few-step flow students.
 
-Conventions (METHOD.md): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
+Conventions (docs/method.md, section 1): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
 """
 
 from .divergence import (

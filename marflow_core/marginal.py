@@ -1,4 +1,4 @@
-"""Marginal-alignment (MA) regularizer, METHOD.md section 4 (a reconstruction, checked numerically).
+"""Marginal-alignment (MA) regularizer, docs/method.md, section 4 (a reconstruction, checked numerically).
 
 Per window ``k`` the student map ``Phi^theta_k`` (``n`` sub-steps of the student ODE) pushes the
 teacher marginal ``p^T_{t_k}`` to ``q_{k+1}``; the regularizer is ``R_k = KL(q_{k+1} || p^T_{t_{k+1}})``.
@@ -33,7 +33,7 @@ class MAConfig:
 
     ``weight`` is ``lambda``; ``substeps`` the student sub-steps ``n`` per window; ``window_weights``
     optional per-window multipliers (length ``K``); ``every`` runs the term on every ``every``-th step.
-    ``logdet``: ``"continuous"`` tracks ``int div v`` (METHOD.md; exact or Hutchinson divergence, any
+    ``logdet``: ``"continuous"`` tracks ``int div v`` (docs/method.md; exact or Hutchinson divergence, any
     dimension) and is exact only as ``n`` grows; ``"discrete"`` uses the exact ``log|det(I + h J)|`` of
     the ``n`` Euler sub-steps (low dimension only), so the surrogate's gradient is that of the KL of the
     student's actual few-step window map.

@@ -1,6 +1,6 @@
 """Teachers: a frozen velocity field plus its score.
 
-METHOD.md section 1: for the linear interpolant ``x_t = (1 - t) x0 + t x1`` the score follows from
+For the linear interpolant (docs/method.md, section 1) ``x_t = (1 - t) x0 + t x1`` the score follows from
 the velocity, ``s(x, t) = (t v(x, t) - x) / (1 - t)``; it is singular at ``t = 1``, so evaluation
 times are clipped to ``t_max < 1``. The exact Gaussian-mixture teacher (section 6) has closed forms
 for everything and needs no cutoff.

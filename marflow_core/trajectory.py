@@ -1,4 +1,4 @@
-"""Trajectory matching (METHOD.md section 2): window batches, the loss, and the few-step sampler.
+"""Trajectory matching (docs/method.md, section 2): window batches, the loss, and the few-step sampler.
 
 A ``WindowBatch`` is what every trajectory-matching method produces from a data batch: per sample a
 window ``k``, its start ``x_s`` at ``t_k``, the teacher's end point ``y_T`` at ``t_{k+1}`` and a time

@@ -1,7 +1,7 @@
 """Time windows ``0 = t_0 < t_1 < ... < t_K = 1`` for reflow (``K = 1``) and PeRFlow (``K > 1``).
 
-Window ``k`` is ``[t_k, t_{k+1})``; the last one includes ``t = 1``. The straight segment of
-METHOD.md section 2 and its constant velocity target live here once, shared by trainer and sampler.
+Window ``k`` is ``[t_k, t_{k+1})``; the last one includes ``t = 1``. The straight segment and its
+constant velocity target (docs/method.md, section 2) live here once, shared by trainer and sampler.
 """
 
 from __future__ import annotations

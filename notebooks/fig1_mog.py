@@ -27,7 +27,7 @@
 # determinant everywhere can still be many-to-one), so sample metrics (mode mass, sliced W2, MMD)
 # stand beside the exact ones. With fewer steps than windows
 # (`crosses_windows`), the sampler takes uniform steps across window boundaries.
-# The MA regularizer is a reconstruction (METHOD.md section 4), not the paper's code.
+# The MA regularizer is a reconstruction (docs/method.md, section 4), not the paper's code.
 
 # %% tags=["parameters"]
 params = None
@@ -148,5 +148,5 @@ save_json({
     "n_samples": eval_cfg.n_samples, "mmd_samples": eval_cfg.mmd_samples,
     "tm_eval_batch": eval_cfg.tm_eval_batch,
     "notes": ("KL/TV exact up to Monte-Carlo error; lower bounds where folded > 0; "
-              "MA regularizer is a reconstruction (METHOD.md section 4)"),
+              "MA regularizer is a reconstruction (docs/method.md, section 4)"),
 }, out / "metrics.json")

@@ -14,7 +14,7 @@
 # # 2-D tier: training the four students
 #
 # Target: a Gaussian mixture with unequal weights. Its rectified-flow teacher is exact (closed-form
-# velocity, score and log-density, METHOD.md section 6), so every discrepancy measured downstream
+# velocity, score and log-density, docs/method.md, section 6), so every discrepancy measured downstream
 # belongs to the student. Four students share the architecture, the initialization seed and the
 # number of steps: reflow (K = 1, stored teacher pairs) and PeRFlow (K = 4, online window starts from
 # noised data), each with and without the marginal-alignment (MA) regularizer.

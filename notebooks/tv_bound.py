@@ -13,7 +13,7 @@
 # %% [markdown]
 # # The telescoping total-variation bound, term by term
 #
-# METHOD.md section 5: with `Q_k` the student's marginal after `k` windows from `Q_0 = P_0 = N(0, I)`
+# docs/method.md, section 5: with `Q_k` the student's marginal after `k` windows from `Q_0 = P_0 = N(0, I)`
 # and `P_k = p^T_{t_k}`,
 # `TV(Q_K, P_K) <= sum_k TV(q_{k+1}, P_{k+1}) <= sum_k sqrt(R_k / 2)`, where `q_{k+1}` is the
 # student's window map applied to the *teacher's* marginal `P_k` and `R_k = KL(q_{k+1} || P_{k+1})`.

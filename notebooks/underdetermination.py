@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Trajectory matching under-determines the marginal
 #
-# METHOD.md section 3: the trajectory-matching loss regresses the *pairing* `(x_s, y_T)`, while the
+# docs/method.md, section 3: the trajectory-matching loss regresses the *pairing* `(x_s, y_T)`, while the
 # marginal the student produces depends on the *structure* of its error, not its size. Two honest
 # demonstrations on the exact 2-D tier:
 #

@@ -34,13 +34,16 @@ CrossCheck = Callable[[dict[str, Any]], None]
 @dataclass(frozen=True)
 class StageSpec:
     """A notebook stage: its ``notebooks/<name>.py``, the params ``sections`` it reads (the notebook
-    receives exactly these), its results folder and the cross-section ``checks`` run before work."""
+    receives exactly these), its results folder and the cross-section ``checks`` run before work.
+    ``threads`` is the CPU thread count its kernel runs with (``OMP_NUM_THREADS``): small-tensor work
+    is fastest single-threaded, since OpenMP threads spin on a loaded machine."""
 
     name: str
     notebook: str
     sections: tuple[str, ...]
     out_dir: str
     checks: tuple[CrossCheck, ...] = ()
+    threads: int = 1
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """The stage's sections as given, after validating each and the cross-section checks."""

@@ -11,6 +11,7 @@ is kept in ``results/.failed/<stage>/`` (git-ignored) for debugging. This module
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,9 @@ def _execute(spec: StageSpec, params: dict, tmp_dir: Path, root: Path, progress:
     source = tmp_dir / f"{nb_name}.source.ipynb"
     nbformat.write(notebook_from_py(root / spec.notebook), source)
     executed = tmp_dir / f"{nb_name}.ipynb"
+    # the kernel inherits this process's environment; a user's own OMP_NUM_THREADS wins
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(spec.threads))
     papermill.execute_notebook(
         str(source), str(executed), kernel_name="python3", cwd=str(root),
         parameters={"params": params, "out_dir": str(tmp_dir.relative_to(root)), "progress": progress},

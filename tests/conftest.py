@@ -1,8 +1,8 @@
-"""Shared fixtures for the core tests.
+"""Shared fixtures.
 
-Nothing here changes global torch state for other test files: the one autouse fixture runs the
-``test_core_*`` tests single-threaded (their tensors are tiny; on a shared 2-core machine OpenMP
-threads contending with another process make them ~50x slower) and restores the thread count after.
+The one autouse fixture runs every test single-threaded (the tensors are tiny; on a shared 2-core
+machine OpenMP threads contending with another process make them 10-50x slower) and restores the
+thread count after. Subprocesses (the pipeline smoke run) choose their own threads.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from marflow_core import GaussianMixtureTeacher
 
 
 @pytest.fixture(autouse=True)
-def _core_tests_single_threaded(request):
-    if not request.node.path.name.startswith("test_core_"):
-        yield
-        return
+def _single_threaded():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

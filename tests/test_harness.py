@@ -157,6 +157,16 @@ def test_sections_of_absent_methods_are_rejected(params):
     registry.stage("toy2d_train").validate(trimmed)
 
 
+@pytest.mark.parametrize(("keys", "value", "stage", "expected"), [
+    (("toy2d_eval", "mmd_samples"), 10**9, "fig1_mog", "toy2d_eval.mmd_samples = 1000000000: the MMD uses"),
+    (("fig1_mog", "n_trajectories"), 10**9, "fig1_mog", "fig1_mog.n_trajectories = 1000000000: trajec"),
+])
+def test_values_that_would_be_silently_capped_are_rejected(params, keys, value, stage, expected):
+    with pytest.raises(ConfigError) as err:
+        registry.stage(stage).validate(_set(params, keys, value))
+    assert expected in str(err.value)
+
+
 def test_unknown_top_level_section_is_rejected(params):
     with pytest.raises(ConfigError, match=r"toy2d_evl = "):
         registry.validate_all({**params, "toy2d_evl": {"seed": 1}})

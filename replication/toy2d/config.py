@@ -134,6 +134,8 @@ class EvalConfig:
                 "steps must be >= 1")
         _positive(self, where, ("sw_projections", "tm_eval_batch", "teacher_steps"))
         _positive(self, where, ("mmd_samples",), minimum=2)
+        require(self.mmd_samples <= self.n_samples, f"{where}.mmd_samples", self.mmd_samples,
+                f"the MMD uses a subset of the {self.n_samples} samples: must be <= n_samples")
 
 
 @dataclass
@@ -146,6 +148,8 @@ class Fig1Config:
     def validate(self, where: str) -> None:
         _positive(self, where, ("nfe_show", "n_show"))
         _positive(self, where, ("n_trajectories",), minimum=0)
+        require(self.n_trajectories <= self.n_show, f"{where}.n_trajectories", self.n_trajectories,
+                f"trajectories are drawn from the {self.n_show} shown samples: must be <= n_show")
 
 
 @dataclass
