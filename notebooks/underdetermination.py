@@ -38,7 +38,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FormatStrFormatter
 
 from replication.notebook import save_figure, save_json, setup_plotting, stage_configs
 from replication.toy2d.evaluate import eval_noise
@@ -130,8 +130,10 @@ if best is not None:
                 fontsize=8)
 ax.set_xscale("log")
 ax.set_yscale("log")
-for axis in (ax.xaxis, ax.yaxis):
-    axis.set_minor_formatter(NullFormatter())
+for axis in (ax.xaxis, ax.yaxis):  # label minor ticks too: the range spans about one decade
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+ax.tick_params(axis="x", which="both", labelsize=8, labelrotation=45)
 ax.set_xlabel(f"trajectory-matching loss (fresh batch of {eval_cfg.tm_eval_batch}, fine teacher)")
 ax.set_ylabel(f"KL(student || teacher), {ud_cfg.nfe} NFE, n = {ud_cfg.n_samples}")
 ax.set_title("Training snapshots: TM loss does not determine the marginal")
