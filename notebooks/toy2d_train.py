@@ -36,7 +36,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from replication.notebook import print_wall_time, save_figure, save_json, setup_plotting, stage_configs
+from replication.notebook import (
+    print_wall_time,
+    save_figure,
+    save_json,
+    setup_plotting,
+    stage_configs,
+)
 from replication.toy2d.tier import load_student, loss_curves, train_students
 
 toy, train_cfg = stage_configs(params, ["toy2d", "toy2d_train"])

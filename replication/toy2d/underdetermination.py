@@ -18,11 +18,23 @@ from pathlib import Path
 
 import torch
 
-from marflow_core import GaussianMixtureTeacher, flow_with_logdet, trajectory_matching_loss, uniform_grid
+from marflow_core import (
+    GaussianMixtureTeacher,
+    flow_with_logdet,
+    trajectory_matching_loss,
+    uniform_grid,
+)
 
 from .config import EvalConfig, TrainStageConfig, UnderdeterminationConfig
 from .evaluate import eval_noise, tm_eval_batch
-from .metrics import Estimate, kl_tv, mc_mean, paired_difference, sampler_densities, standard_normal_log_prob
+from .metrics import (
+    Estimate,
+    kl_tv,
+    mc_mean,
+    paired_difference,
+    sampler_densities,
+    standard_normal_log_prob,
+)
 from .tier import load_student
 
 TEACHER, ROTATED, SHIFTED = "teacher T", "rotated T(R x0)", "shifted T(x0) + c"
