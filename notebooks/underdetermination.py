@@ -21,7 +21,8 @@
 #    `x0 -> T(R x0)` with `R` a rotation: since `R x0 ~ N(0, I)`, its marginal is exactly the
 #    teacher's, yet it misses every pairing. Student *shifted* maps `x0 -> T(x0) + c` with `|c|^2`
 #    chosen equal to the rotated student's error. Both have the same endpoint-matching error
-#    `E|S(x0) - T(x0)|^2` (the trajectory-matching loss of a one-step student at `t = 0`); their KL
+#    `E|S(x0) - T(x0)|^2` (summed over coordinates: D times a one-step student's per-dimension
+#    trajectory-matching loss); their KL
 #    to the teacher differs completely. Densities come from log-density tracking along the teacher ODE.
 # 2. **Trained students.** Every training snapshot of the PeRFlow students, scored on the same
 #    trajectory-matching loss and on the exact KL of its few-step sampler.
@@ -94,7 +95,7 @@ plt.show()
 # %% [markdown]
 # ## 2. Trained snapshots: trajectory-matching loss vs exact KL
 # Every snapshot is scored on the same trajectory-matching batch (`tm_eval_batch` samples, fine
-# teacher solve), so the TM difference of two snapshots has a *paired* standard error. Two snapshots
+# teacher solve of `teacher_steps` RK4 steps), so the TM difference of two snapshots has a *paired* standard error. Two snapshots
 # count as having the same TM loss when that difference is within `tm_equal_within_se` paired
 # standard errors; among such pairs, the one with the largest KL ratio is marked.
 
@@ -134,7 +135,8 @@ for axis in (ax.xaxis, ax.yaxis):  # label minor ticks too: the range spans abou
     axis.set_major_formatter(FormatStrFormatter("%.3g"))
     axis.set_minor_formatter(FormatStrFormatter("%.3g"))
 ax.tick_params(axis="x", which="both", labelsize=8, labelrotation=45)
-ax.set_xlabel(f"trajectory-matching loss (fresh batch of {eval_cfg.tm_eval_batch}, fine teacher)")
+ax.set_xlabel(f"trajectory-matching loss (fresh batch of {eval_cfg.tm_eval_batch}, "
+              f"{eval_cfg.teacher_steps}-step RK4 teacher)")
 ax.set_ylabel(f"KL(student || teacher), {ud_cfg.nfe} NFE, n = {ud_cfg.n_samples}")
 ax.set_title("Training snapshots: TM loss does not determine the marginal")
 save_figure(fig, out / "snapshots_tm_vs_kl.png")

@@ -1,4 +1,4 @@
-"""The exact Gaussian-mixture teacher (METHOD.md section 6) against closed forms and finite differences."""
+"""The exact Gaussian-mixture teacher (docs/method.md, section 6) against closed forms and finite differences."""
 
 from __future__ import annotations
 

@@ -96,7 +96,15 @@ def test_closest_pair_uses_the_paired_standard_error():
 
 def test_bound_check_and_pinsker_sum():
     assert BoundCheck("x", 1.0, 0.9, 0.11).holds and not BoundCheck("x", 1.0, 0.9, 0.09).holds
-    assert pinsker_sum([0.02, 0.08, -0.01]) == pytest.approx(math.sqrt(0.01) + math.sqrt(0.04))
+    total = pinsker_sum([Estimate(0.02, 0.0), Estimate(0.08, 0.0), Estimate(-0.01, 0.0)])
+    assert total.value == pytest.approx(math.sqrt(0.01) + math.sqrt(0.04)) and total.stderr == 0.0
+    # a KL of 0.08 +- 0.0 and 0.02 +- 0.01: the error of sqrt(KL/2) over one SE up, in quadrature
+    one = pinsker_sum([Estimate(0.02, 0.01), Estimate(0.08, 0.0)])
+    assert one.stderr == pytest.approx(math.sqrt(0.03 / 2) - math.sqrt(0.01))
+    # small relative errors: the delta method, d sqrt(K/2) = dK / (2 sqrt(2K))
+    small = pinsker_sum([Estimate(0.5, 1e-6), Estimate(0.18, 2e-6)])
+    expected = math.hypot(1e-6 / (2 * math.sqrt(1.0)), 2e-6 / (2 * math.sqrt(0.36)))
+    assert small.stderr == pytest.approx(expected, rel=1e-4)
 
 
 class AffineStudent(nn.Module):
@@ -129,5 +137,5 @@ def test_tv_bound_terms_of_a_one_window_affine_student():
                 + 2 * math.log(sigma**2 / var))
     assert abs(w.r_k.value - kl) < 5 * w.r_k.stderr + 1e-4
     assert abs(w.ode_local_kl.value - kl) < 5 * w.ode_local_kl.stderr + 0.01  # Euler error O(1/256)
-    assert bound.pinsker_estimator_a == pytest.approx(math.sqrt(w.r_k.value / 2))
+    assert bound.pinsker_estimator_a.value == pytest.approx(math.sqrt(w.r_k.value / 2))
     assert all(c.holds for c in bound.checks)

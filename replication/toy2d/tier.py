@@ -64,14 +64,16 @@ def build_objective(
     teacher: GaussianMixtureTeacher,
     pair_dir: Path,
     progress: bool = True,
+    seed: int = 0,
 ):
-    """(objective, batch_fn) for one student. Reflow reads the pair bank; PeRFlow draws fresh data."""
+    """(objective, batch_fn) for one student. Reflow reads the pair bank (generated from ``seed``'s
+    ``reflow-shard`` streams); PeRFlow draws fresh data."""
     windows = TimeWindows(student.windows)
     if student.method == "reflow":
         p = train_cfg.reflow_pairs
         device = teacher.means.device
         paths = generate_reflow_pairs(teacher, pair_dir, p.n_pairs, p.shard_size, (DIM,),
-                                      steps=p.steps, method=p.solver, device=device,
+                                      base_seed=seed, steps=p.steps, method=p.solver, device=device,
                                       progress=progress)
         x0, x1 = load_pairs(paths)
         sampler = ReflowPairSampler(x0.to(teacher.means.device), x1.to(teacher.means.device),
@@ -84,14 +86,21 @@ def build_objective(
     return DistillationObjective(sampler, teacher, ma_config(train_cfg, student)), batch_fn
 
 
+#: the tier's modules that decide what training produces (evaluation code is not among them, so
+#: editing a metric re-runs the evaluation stages without retraining)
+TRAINING_SOURCES: tuple[str, ...] = ("config.py", "tier.py")
+
+
 def source_digest() -> str:
-    """SHA-256 of the library and tier sources: checkpoints made by other code are never resumed."""
+    """SHA-256 of the library and the tier's training sources: checkpoints made by other code are
+    never resumed."""
     import marflow_core
 
     digest = hashlib.sha256()
-    for folder in (Path(marflow_core.__file__).parent, Path(__file__).parent):
-        for path in sorted(folder.glob("*.py")):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    library = sorted(Path(marflow_core.__file__).parent.glob("*.py"))
+    tier = [Path(__file__).parent / name for name in TRAINING_SOURCES]
+    for path in [*library, *tier]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -123,7 +132,7 @@ def train_student(
         **base, "student": asdict(student),
         "train": {k: v for k, v in asdict(train_cfg).items()
                   if k != "students" and (k != "ma" or student.ma)}})
-    objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress)
+    objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress, toy.seed)
     torch.manual_seed(toy.seed)
     model = make_model(train_cfg, toy.device)
     result = train(model, objective, batch_fn, train_cfg.train_config(toy.seed),

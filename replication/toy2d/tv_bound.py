@@ -22,7 +22,7 @@ from .metrics import Estimate, kl_tv, mc_mean, sampler_densities, window_densiti
 from .tier import DIM, TrainedStudent
 
 WINDOW_START, FINAL_NOISE = "window-start", "eval-noise"
-#: an inequality between Monte-Carlo estimates holds if ``lhs <= rhs + SLACK_SE * (combined SE)``
+#: an inequality between two Monte-Carlo estimates holds if ``lhs <= rhs + SLACK_SE * hypot(SEs)``
 SLACK_SE = 2.0
 
 
@@ -63,26 +63,38 @@ class TVBound:
     windows: list[WindowTerms]
     final_tv: Estimate  # TV(Q_K, P_K) of the few-step sampler
     sum_local_tv: Estimate
-    pinsker_local_kl: float  # sum_k sqrt(KL_k / 2), sampler
+    pinsker_local_kl: Estimate  # sum_k sqrt(KL_k / 2), sampler
     ode_final_tv: Estimate  # TV(Q_K, P_K) of the fine Euler map of the student ODE
-    pinsker_estimator_a: float  # sum_k sqrt(R_k / 2), student ODE
+    pinsker_estimator_a: Estimate  # sum_k sqrt(R_k / 2), student ODE
 
     @property
     def checks(self) -> list[BoundCheck]:
-        slack = SLACK_SE * math.hypot(self.final_tv.stderr, self.sum_local_tv.stderr)
+        def check(name: str, lhs: Estimate, rhs: Estimate) -> BoundCheck:
+            return BoundCheck(name, lhs.value, rhs.value, SLACK_SE * math.hypot(lhs.stderr, rhs.stderr))
+
         return [
-            BoundCheck("sampler: TV(Q_K,P_K) <= sum local TV", self.final_tv.value,
-                       self.sum_local_tv.value, slack),
-            BoundCheck("sampler: sum local TV <= sum sqrt(KL_k/2)", self.sum_local_tv.value,
-                       self.pinsker_local_kl, SLACK_SE * self.sum_local_tv.stderr),
-            BoundCheck("ODE: TV(Q_K,P_K) <= sum sqrt(R_k/2)", self.ode_final_tv.value,
-                       self.pinsker_estimator_a, SLACK_SE * self.ode_final_tv.stderr),
+            check("sampler: TV(Q_K,P_K) <= sum local TV", self.final_tv, self.sum_local_tv),
+            check("sampler: sum local TV <= sum sqrt(KL_k/2)", self.sum_local_tv, self.pinsker_local_kl),
+            check("ODE: TV(Q_K,P_K) <= sum sqrt(R_k/2)", self.ode_final_tv, self.pinsker_estimator_a),
         ]
 
 
-def pinsker_sum(kls: list[float]) -> float:
-    """``sum_k sqrt(max(KL_k, 0) / 2)`` (a Monte-Carlo KL estimate can dip below 0)."""
-    return sum(math.sqrt(max(v, 0.0) / 2) for v in kls)
+def pinsker_term(kl: Estimate) -> Estimate:
+    """``sqrt(max(KL, 0) / 2)`` (a Monte-Carlo KL can dip below 0); its error is the change of that
+    monotone function over one standard error upward, a conservative delta method that stays finite
+    at ``KL = 0``."""
+    value = math.sqrt(max(kl.value, 0.0) / 2)
+    return Estimate(value, math.sqrt(max(kl.value + kl.stderr, 0.0) / 2) - value)
+
+
+def sum_estimates(terms: list[Estimate]) -> Estimate:
+    """The sum of independent estimates; standard errors add in quadrature."""
+    return Estimate(sum(e.value for e in terms), math.sqrt(sum(e.stderr**2 for e in terms)))
+
+
+def pinsker_sum(kls: list[Estimate]) -> Estimate:
+    """``sum_k sqrt(max(KL_k, 0) / 2)`` with its standard error (windows are independent)."""
+    return sum_estimates([pinsker_term(kl) for kl in kls])
 
 
 def window_terms(
@@ -116,11 +128,10 @@ def tv_bound(
                                  teacher)
         return kl_tv(dens.log_q, dens.log_p)["tv"]
 
-    sum_tv = Estimate(sum(w.local_tv.value for w in windows),
-                      math.sqrt(sum(w.local_tv.stderr**2 for w in windows)))
     return TVBound(
         student=student.name, windows=windows, final_tv=final_tv(cfg.steps_per_window),
-        sum_local_tv=sum_tv, pinsker_local_kl=pinsker_sum([w.local_kl.value for w in windows]),
+        sum_local_tv=sum_estimates([w.local_tv for w in windows]),
+        pinsker_local_kl=pinsker_sum([w.local_kl for w in windows]),
         ode_final_tv=final_tv(cfg.ode_euler_steps),
-        pinsker_estimator_a=pinsker_sum([w.r_k.value for w in windows]),
+        pinsker_estimator_a=pinsker_sum([w.r_k for w in windows]),
     )
