@@ -10,6 +10,7 @@ from .divergence import (
     hutchinson_divergence,
     sample_probes,
 )
+from .errors import CheckpointError, InvalidParameter, NonFiniteLossError
 from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
 from .marginal import MAConfig, delta_field, ma_surrogate, ma_value_estimate, ma_value_rate
 from .models import TimeMLP, TimeMLPConfig, VelocityField
@@ -19,14 +20,16 @@ from .reflow import ReflowPairConfig, ReflowPairSampler, generate_reflow_pairs, 
 from .seeding import derive_seed, stream
 from .solvers import odeint_adaptive, odeint_fixed, uniform_grid
 from .teachers import GaussianMixtureTeacher, Teacher, VelocityTeacher, score_from_velocity
-from .training import NonFiniteLossError, TrainConfig, TrainResult, load_checkpoint, train
+from .training import TrainConfig, TrainResult, load_checkpoint, train
 from .trajectory import WindowBatch, sample_few_step, trajectory_matching_loss
 from .windows import TimeWindows, segment_point, segment_velocity
 
 __all__ = [
+    "CheckpointError",
     "DistillationObjective",
     "FlowWithLogDet",
     "GaussianMixtureTeacher",
+    "InvalidParameter",
     "LossTerms",
     "MAConfig",
     "NonFiniteLossError",

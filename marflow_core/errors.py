@@ -1,4 +1,4 @@
-"""Errors shared by the library's configs."""
+"""Errors shared by the library: bad config values, unusable checkpoints, non-finite training."""
 
 from __future__ import annotations
 
@@ -11,3 +11,13 @@ class InvalidParameter(ValueError):
     def __init__(self, key: str, value: Any, why: str) -> None:
         super().__init__(f"{key}={value!r}: {why}")
         self.key, self.value, self.why = key, value, why
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised, before any parameter update, when a loss term, a gradient or a teacher output is NaN
+    or infinite, or a loss term explodes past ``TrainConfig.loss_limit``."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable or truncated, another architecture, another
+    method. The message names the file."""

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import NonFiniteLossError
 from .marginal import MAConfig, ma_surrogate
 from .models import VelocityField
 from .teachers import Teacher
@@ -45,6 +46,10 @@ class DistillationObjective:
 
     def __call__(self, model: VelocityField, batch, step: int, generator: torch.Generator | None) -> LossTerms:
         wb = self.sampler(batch, generator)
+        for name in ("x_start", "y_end"):
+            if not bool(torch.isfinite(getattr(wb, name)).all()):
+                raise NonFiniteLossError(f"the teacher (or the pair bank) gave non-finite {name} "
+                                         f"in {int((~torch.isfinite(getattr(wb, name))).sum())} entries")
         tm = trajectory_matching_loss(model, wb)
         parts = {"tm": float(tm.detach())}
         total = tm

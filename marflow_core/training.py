@@ -17,15 +17,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
-from .errors import InvalidParameter
+from .errors import CheckpointError, InvalidParameter, NonFiniteLossError
 from .objectives import Objective
 from .seeding import stream
 
 LAST_CHECKPOINT = "last.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised, before any parameter update, when a loss term is NaN or infinite."""
+__all__ = ["CheckpointError", "NonFiniteLossError", "TrainConfig", "TrainResult", "load_checkpoint",
+           "step_generator", "train"]
 
 
 @dataclass
@@ -33,7 +31,9 @@ class TrainConfig:
     """``steps`` optimizer steps of Adam(``lr``); checkpoints every ``checkpoint_every`` steps.
 
     ``snapshot_every`` > 0 also keeps ``step_XXXXXXX.pt`` files (for checkpoint selection);
-    ``warmup`` steps of linear learning-rate warm-up; ``grad_clip`` <= 0 disables clipping.
+    ``warmup`` steps of linear learning-rate warm-up; ``grad_clip`` <= 0 disables clipping;
+    a loss term larger than ``loss_limit`` in magnitude counts as diverged (an exploding divergence
+    estimate, say) and stops training like a NaN.
     """
 
     steps: int = 2000
@@ -44,9 +44,10 @@ class TrainConfig:
     log_every: int = 50
     warmup: int = 0
     grad_clip: float = 1.0
+    loss_limit: float = 1e8
 
     def __post_init__(self) -> None:
-        for key in ("steps", "checkpoint_every", "log_every", "lr"):
+        for key in ("steps", "checkpoint_every", "log_every", "lr", "loss_limit"):
             if not getattr(self, key) > 0:
                 raise InvalidParameter(key, getattr(self, key), "must be > 0")
         for key in ("snapshot_every", "warmup"):
@@ -67,17 +68,45 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return stream(seed, "train-step", step)
 
 
-def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig) -> None:
+def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig,
+          meta: dict | None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "history": history, "config": asdict(config)}
+             "history": history, "config": asdict(config), "meta": meta}
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
-    """Load a checkpoint's weights into ``model``; returns the whole checkpoint dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+def load_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None) -> dict:
+    """Load a checkpoint's weights into ``model``; returns the whole checkpoint dict.
+
+    Refuses, with ``CheckpointError`` naming the file, one that cannot be read (truncated,
+    corrupted, not a checkpoint), one whose weights do not fit ``model`` (another architecture),
+    and, when ``meta`` is given, one made for other ``meta`` (another method, say).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: "
+                              f"{detail}); delete it to start over") from None
+    if not isinstance(state, dict) or not {"model", "step", "history"} <= state.keys():
+        raise CheckpointError(f"{path}: not a marflow training checkpoint")
+    if meta is not None and state.get("meta") != meta:
+        raise CheckpointError(f"{path}: made for {state.get('meta')}, not for {meta}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{path}: its weights do not fit this model ({detail})") from None
     return state
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process left in ``folder``."""
+    stale = sorted(folder.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def train(
@@ -88,17 +117,23 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    meta: dict | None = None,
 ) -> TrainResult:
     """Optimize ``objective`` for ``config.steps`` steps, resuming from ``checkpoint_dir/last.pt``.
 
-    ``batch_fn(step, generator)`` returns the data batch of a step. Raises ``NonFiniteLossError``
-    naming the step and the loss parts; the last good checkpoint is kept.
+    ``batch_fn(step, generator)`` returns the data batch of a step. ``meta`` (plain values: the
+    method, its windows, ...) is stored in every checkpoint, and a checkpoint with other ``meta`` is
+    refused at resume (``CheckpointError``). Raises ``NonFiniteLossError`` naming the step and the
+    loss parts; the last good checkpoint is kept. Temporary files of a killed checkpoint write are
+    deleted at start: a half-written file is never loaded.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = 0, []
+    if ckpt_dir is not None and ckpt_dir.exists():
+        remove_stale_temporaries(ckpt_dir)
     if ckpt_dir is not None and (ckpt_dir / LAST_CHECKPOINT).exists():
-        state = load_checkpoint(ckpt_dir / LAST_CHECKPOINT, model)
+        state = load_checkpoint(ckpt_dir / LAST_CHECKPOINT, model, meta)
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
     result = TrainResult(steps=start, history=history, resumed_from=start)
@@ -108,12 +143,22 @@ def train(
     model.train()
     for step in bar:
         generator = step_generator(config.seed, step)
-        terms = objective(model, batch_fn(step, generator), step, generator)
+        try:
+            terms = objective(model, batch_fn(step, generator), step, generator)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{desc}: step {step}: {err}; stopped before the update, last "
+                                     f"good checkpoint kept in {ckpt_dir}") from None
         if not all(math.isfinite(v) for v in terms.parts.values()):
             raise NonFiniteLossError(
                 f"{desc}: non-finite loss at step {step}: {terms.parts}; stopped before the update, "
                 f"last good checkpoint kept in {ckpt_dir}"
             )
+        exploded = {k: v for k, v in terms.parts.items() if abs(v) > config.loss_limit}
+        if exploded:
+            raise NonFiniteLossError(
+                f"{desc}: loss exploded at step {step}: {exploded} exceeds loss_limit "
+                f"{config.loss_limit:g}; stopped before the update, last good checkpoint kept in "
+                f"{ckpt_dir}")
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -133,9 +178,9 @@ def train(
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
         if ckpt_dir is not None:
             if done % config.checkpoint_every == 0 or done == config.steps:
-                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config)
+                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config, meta)
             if config.snapshot_every and done % config.snapshot_every == 0:
-                _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config)
+                _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config, meta)
     model.eval()
     result.steps = config.steps
     result.wall_seconds = time.perf_counter() - tic

@@ -39,6 +39,22 @@ def require(ok: bool, where: str, value: Any, why: str) -> None:
         fail(where, value, why)
 
 
+def check_device(device: str, where: str) -> None:
+    """``cpu``, or ``cuda`` / ``cuda:N`` on a machine where that CUDA device exists."""
+    import re
+
+    import torch
+
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    require(device == "cpu" or match is not None, where, device, "must be 'cpu', 'cuda' or 'cuda:N'")
+    if match is not None:
+        require(torch.cuda.is_available(), where, device,
+                "CUDA is not available on this machine (torch.cuda.is_available() is False); use 'cpu'")
+        index = int(match.group(1) or 0)
+        count = torch.cuda.device_count()
+        require(index < count, where, device, f"this machine has {count} CUDA device(s)")
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """The whole ``params.yaml`` as a dict; a missing or unparsable file raises ``ConfigError``."""
     path = Path(path)

@@ -20,7 +20,7 @@ from marflow_core import (
     TrainConfig,
 )
 
-from ..config import require
+from ..config import check_device, require
 
 METHODS: tuple[str, ...] = ("reflow", "perflow")
 
@@ -45,8 +45,7 @@ class Toy2DConfig:
     mixture: MixtureConfig = field(default_factory=lambda: MixtureConfig([1.0], [[0.0, 0.0]], [1.0]))
 
     def validate(self, where: str) -> None:
-        require(self.device == "cpu" or self.device.startswith("cuda"), f"{where}.device", self.device,
-                "must be 'cpu' or 'cuda[:n]'")
+        check_device(self.device, f"{where}.device")
 
 
 @dataclass

@@ -136,8 +136,13 @@ def train_student(
     torch.manual_seed(toy.seed)
     model = make_model(train_cfg, toy.device)
     result = train(model, objective, batch_fn, train_cfg.train_config(toy.seed),
-                   checkpoint_root / name, progress, desc=name)
+                   checkpoint_root / name, progress, desc=name, meta=student_meta(name, student))
     return result
+
+
+def student_meta(name: str, student: StudentConfig) -> dict:
+    """What a checkpoint of this student must have been made for (checked on every load)."""
+    return {"tier": "toy2d", "student": name, **asdict(student)}
 
 
 def train_students(
@@ -171,6 +176,6 @@ def load_student(
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {path}: run the toy2d_train stage first (dvc repro)")
     model = make_model(train_cfg, device)
-    state = load_checkpoint(path, model)
+    state = load_checkpoint(path, model, student_meta(name, student))
     model.eval().requires_grad_(False)
     return TrainedStudent(name, student, model, TimeWindows(student.windows), state["history"])
