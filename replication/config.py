@@ -14,6 +14,7 @@ fields that have no effect given the others (for example the divergence of the M
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -99,6 +100,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         require(ok, where, value, "expected a number")
+        require(math.isfinite(value), where, value, "expected a finite number")
         return float(value)
     if hint is int:
         require(isinstance(value, int) and not isinstance(value, bool), where, value, "expected an integer")
