@@ -72,6 +72,8 @@ def run_stage(name: str, params_path: Path, root: Path = REPO_ROOT, progress: bo
     validate_all(all_params)
     out_dir = root / spec.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run of this stage
+        shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         executed = _execute(spec, params, tmp_dir, root, progress)
