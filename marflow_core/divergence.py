@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .models import VelocityField
+from .models import JacobianField, VelocityField
 
 ProbeKind = Literal["rademacher", "gaussian"]
 PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
@@ -33,7 +33,15 @@ def _input_for_grad(x: torch.Tensor) -> torch.Tensor:
 def batch_jacobian(
     field: VelocityField, x: torch.Tensor, t: torch.Tensor, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(v, J)`` with ``v: (B, ...)`` and ``J: (B, D, D)``, ``J[b, i, j] = dv_i / dx_j``, ``D = prod(x.shape[1:])``."""
+    """``(v, J)`` with ``v: (B, ...)`` and ``J: (B, D, D)``, ``J[b, i, j] = dv_i / dx_j``, ``D = prod(x.shape[1:])``.
+
+    A ``JacobianField`` (``TimeMLP``) computes ``J`` itself by forward propagation; any other field
+    gets all ``D`` rows in one batched vector-Jacobian product.
+    """
+    if isinstance(field, JacobianField) and x.ndim == 2:
+        with torch.set_grad_enabled(create_graph):
+            v, jac = field.jacobian(x, t)
+        return v, jac
     batch, dim = x.shape[0], x[0].numel()
     with torch.enable_grad():
         xg = _input_for_grad(x)

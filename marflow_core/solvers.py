@@ -1,4 +1,4 @@
-"""Fixed-grid ODE solvers (Euler, Heun, RK4) and a torchdiffeq adaptive solve.
+"""Fixed-grid ODE solvers (Euler, Heun, classic RK4, Kutta's 3/8-rule RK4) and an adaptive solve.
 
 The state is a tensor ``(B, ...)`` or a tuple of such tensors (used for the augmented
 ``(x, log-det)`` state). The dynamics are ``f(state, t) -> d state / dt`` with ``t: (B,)``. A time grid
@@ -15,10 +15,10 @@ import torch
 
 State: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
 Dynamics: TypeAlias = Callable[[State, torch.Tensor], State]
-FixedMethod = Literal["euler", "heun", "rk4"]
-FIXED_METHODS: tuple[str, ...] = ("euler", "heun", "rk4")
+FixedMethod = Literal["euler", "heun", "rk4", "rk4_38"]
+FIXED_METHODS: tuple[str, ...] = ("euler", "heun", "rk4", "rk4_38")
 #: dynamics evaluations per step of each fixed-grid method
-EVALS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "rk4": 4}
+EVALS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "rk4": 4, "rk4_38": 4}
 
 
 def _batch_size(state: State) -> int:
@@ -51,6 +51,12 @@ def _step(f: Dynamics, x: State, t: torch.Tensor, h: torch.Tensor, method: str) 
         k3 = f(_axpy(x, h, (0.5, k2)), t + 0.5 * h)
         k4 = f(_axpy(x, h, (1.0, k3)), t + h)
         return _axpy(x, h, (1 / 6, k1), (1 / 3, k2), (1 / 3, k3), (1 / 6, k4))
+    if method == "rk4_38":  # Kutta's 3/8 rule (torchdiffeq's "rk4")
+        k1 = f(x, t)
+        k2 = f(_axpy(x, h, (1 / 3, k1)), t + h / 3)
+        k3 = f(_axpy(x, h, (-1 / 3, k1), (1.0, k2)), t + 2 * h / 3)
+        k4 = f(_axpy(x, h, (1.0, k1), (-1.0, k2), (1.0, k3)), t + h)
+        return _axpy(x, h, (1 / 8, k1), (3 / 8, k2), (3 / 8, k3), (1 / 8, k4))
     raise ValueError(f"unknown solver method {method!r}; choose one of {FIXED_METHODS}")
 
 
