@@ -15,8 +15,15 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _tracked_text_files() -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split()
+    """Files git tracks (or would), or, outside a git checkout, every file below the root."""
+    proc = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode == 0 and proc.stdout.strip():
+        out = proc.stdout.split()
+    else:
+        out = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()
+               and not any(part.startswith(".") or part in ("__pycache__", "build")
+                           or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)]
     return [ROOT / f for f in out if f.endswith((".py", ".md", ".yaml", ".toml")) and not f.startswith("results/")
             and (ROOT / f).is_file()]
 
