@@ -95,9 +95,13 @@ def hutchinson_divergence(
     with torch.enable_grad():
         xg = _input_for_grad(x)
         v = field(xg, t)
-        (e_jac,) = torch.autograd.grad(
-            v, xg, grad_outputs=probes, is_grads_batched=True, create_graph=create_graph
-        )
+        if probes.shape[0] == 1:  # one probe: a plain VJP, without the vmap of batched gradients
+            (e_jac,) = torch.autograd.grad(v, xg, grad_outputs=probes[0], create_graph=create_graph)
+            e_jac = e_jac[None]
+        else:
+            (e_jac,) = torch.autograd.grad(
+                v, xg, grad_outputs=probes, is_grads_batched=True, create_graph=create_graph
+            )
     div = (e_jac * probes).flatten(2).sum(-1).mean(0)
     if not create_graph:
         v, div = v.detach(), div.detach()

@@ -227,3 +227,19 @@ def test_retrain_dry_run_lists_every_persistent_output():
     assert proc.returncode == 0, proc.stderr
     expected = [out for tier in registry.tiers().values() for out in tier.persistent_outputs]
     assert expected and all(f"would delete {out}" in proc.stdout for out in expected)
+
+
+def test_cuda_device_is_checked_at_validation(params, monkeypatch):
+    import torch
+
+    cuda = _set(params, ("toy2d", "device"), "cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"toy2d.device = 'cuda:1': CUDA is not available"):
+        registry.validate_all(cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"toy2d.device = 'cuda:1': this machine has 1 CUDA device"):
+        registry.validate_all(cuda)
+    registry.validate_all(_set(params, ("toy2d", "device"), "cuda:0"))
+    with pytest.raises(ConfigError, match=r"toy2d.device = 'gpu'"):
+        registry.validate_all(_set(params, ("toy2d", "device"), "gpu"))
