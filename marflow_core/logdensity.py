@@ -44,13 +44,14 @@ def flow_with_logdet(
     probe_kind: str = "rademacher",
     create_graph: bool = False,
     generator: torch.Generator | None = None,
+    fd_step: float = 1e-3,
 ) -> FlowWithLogDet:
     """Solve the augmented ODE ``d(x, L)/ds = (v, div v)`` over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``).
 
     Probes (Hutchinson) stay fixed over the solve. With ``create_graph`` the result is differentiable
     in the field's parameters (training); otherwise it is detached step by step (evaluation).
     """
-    div = divergence_fn(field, divergence, n_probes, probe_kind, create_graph, x0, generator)
+    div = divergence_fn(field, divergence, n_probes, probe_kind, create_graph, x0, generator, fd_step)
 
     def dynamics(state, t):
         return div(state[0], t)

@@ -37,6 +37,9 @@ class MAConfig:
     dimension) and is exact only as ``n`` grows; ``"discrete"`` uses the exact ``log|det(I + h J)|`` of
     the ``n`` Euler sub-steps (low dimension only), so the surrogate's gradient is that of the KL of the
     student's actual few-step window map.
+    ``divergence``: ``"exact"``, ``"hutchinson"`` (VJP; its parameter gradient is a double backward)
+    or ``"hutchinson_fd"`` (forward differences with step ``fd_step``, bias ``O(fd_step)``, first-order
+    backward only, so it works through any attention kernel).
     The ``t_max`` cutoff belongs to the teacher's score (``VelocityTeacher``).
     """
 
@@ -50,6 +53,7 @@ class MAConfig:
     window_weights: list[float] | None = field(default=None)
     every: int = 1
     logdet: str = "continuous"
+    fd_step: float = 1e-3
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +66,7 @@ class MAConfig:
             ("probe_kind", self.probe_kind, self.probe_kind in PROBE_KINDS, f"one of {PROBE_KINDS}"),
             ("every", self.every, self.every >= 1, "must be >= 1"),
             ("logdet", self.logdet, self.logdet in LOGDET_MODES, f"one of {LOGDET_MODES}"),
+            ("fd_step", self.fd_step, self.fd_step > 0, "must be > 0"),
         ]
         if self.logdet == "discrete":
             checks.append(("solver", self.solver, self.solver == "euler",
@@ -77,10 +82,13 @@ class MAConfig:
         """Fields that have no effect given the others: ``{name: reason}``."""
         if self.logdet == "discrete":
             why = "logdet = 'discrete' uses the exact Jacobian log-det, no divergence estimate"
-            return dict.fromkeys(("divergence", "n_probes", "probe_kind"), why)
+            return dict.fromkeys(("divergence", "n_probes", "probe_kind", "fd_step"), why)
+        unused = {}
         if self.divergence == "exact":
-            return dict.fromkeys(("n_probes", "probe_kind"), "only Hutchinson divergence uses probes")
-        return {}
+            unused = dict.fromkeys(("n_probes", "probe_kind"), "only Hutchinson divergence uses probes")
+        if self.divergence != "hutchinson_fd":
+            unused["fd_step"] = "only divergence = 'hutchinson_fd' takes a finite-difference step"
+        return unused
 
 
 def ma_surrogate(
@@ -98,7 +106,7 @@ def ma_surrogate(
     else:
         flow = flow_with_logdet(
             model, x, grid, config.solver, config.divergence, config.n_probes, config.probe_kind,
-            create_graph=True, generator=generator,
+            create_graph=True, generator=generator, fd_step=config.fd_step,
         )
     with torch.no_grad():
         score = teacher.score(flow.x.detach(), wb.t_end)

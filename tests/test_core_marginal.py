@@ -91,7 +91,7 @@ def window_batch(x_start, t_start, t_end):
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson", "hutchinson_fd"])
 def test_surrogate_gradient_equals_kl_gradient_gaussian_target(dim, divergence):
     """grad_(a, b) L_MA = grad_(a, b) KL(q_1 || N(m, s^2 I)), window [0, 1], start N(0, I).
 
