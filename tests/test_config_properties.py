@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from params_helpers import with_value
 
 from replication import registry
 from replication.config import ConfigError, deep_merge, load_params
@@ -62,13 +63,7 @@ def _get(d: dict, path: tuple) -> Any:
     return d
 
 
-def _set(d: dict, path: tuple, value: Any) -> dict:
-    d = copy.deepcopy(d)
-    node = d
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
-    return d
+_set = with_value
 
 
 def _key_path(path: tuple) -> str:

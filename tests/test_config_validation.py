@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from params_helpers import with_value
 
 from replication import registry
 from replication.config import ConfigError, load_params
@@ -53,13 +53,7 @@ BAD_VALUES = [
 ]
 
 
-def _set(d: dict, keys: tuple[str, ...], value) -> dict:
-    d = copy.deepcopy(d)
-    node = d
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    return d
+_set = with_value
 
 
 @pytest.mark.parametrize(("keys", "value", "expected"), BAD_VALUES)

@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from params_helpers import with_value
 
 from replication import registry
 from replication.config import ConfigError, load_params
@@ -33,13 +34,7 @@ def params() -> dict:
     return load_params(ROOT / "params.yaml")
 
 
-def _set(d: dict, keys: tuple[str, ...], value) -> dict:
-    d = copy.deepcopy(d)
-    node = d
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    return d
+_set = with_value
 
 
 # -- the harness imports no tier -------------------------------------------------------------------

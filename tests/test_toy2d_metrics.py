@@ -30,16 +30,6 @@ from replication.toy2d.metrics import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_threaded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class AffineStudent(nn.Module):
     """``v(x, t) = a * x + b`` with per-coordinate ``a, b: (D,)``."""
 
