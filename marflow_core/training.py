@@ -7,6 +7,7 @@ resumed from its last checkpoint is bit-identical to an uninterrupted one (same 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,11 +69,31 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return stream(seed, "train-step", step)
 
 
+def canonical(obj):
+    """``obj`` with every string interned, recursively through dicts, lists and tuples.
+
+    Pickle memoises strings by identity, so equal states whose strings came from different places
+    (code literals in a fresh run, unpickled keys after a resume) would serialise to different
+    bytes; interned, they serialise identically, and a resumed run's checkpoint files are
+    byte-identical to an uninterrupted run's (DVC hashes them).
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        out = type(obj)((canonical(k), canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state dict's version information
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, list | tuple):
+        return type(obj)(canonical(v) for v in obj)
+    return obj
+
+
 def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig,
           meta: dict | None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "history": history, "config": asdict(config), "meta": meta}
-    atomic_torch_save(state, path)
+    atomic_torch_save(canonical(state), path)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None) -> dict:
@@ -176,11 +197,11 @@ def train(
         if done % config.log_every == 0 or done == config.steps:
             history.append({"step": done, **terms.parts})
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
-        if ckpt_dir is not None:
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config, meta)
+        if ckpt_dir is not None:  # the snapshot first: once last.pt says `done`, its snapshot exists
             if config.snapshot_every and done % config.snapshot_every == 0:
                 _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config, meta)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config, meta)
     model.eval()
     result.steps = config.steps
     result.wall_seconds = time.perf_counter() - tic

@@ -46,7 +46,8 @@ TRAINING_DRIVERS = {
                                                   progress=False, seed=toy.seed)
             torch.manual_seed(0)
             model = make_model(cfg)
-            config = TrainConfig(steps=60, lr=2e-3, seed=3, checkpoint_every=4, log_every=4, warmup=5)
+            config = TrainConfig(steps=60, lr=2e-3, seed=3, checkpoint_every=4, snapshot_every=8,
+                                 log_every=4, warmup=5)
             return model, objective, lambda step, gen: batch_fn(step, gen)[:64], config, \\
                 student_meta("perflow_ma", student)
     """),
@@ -113,7 +114,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, tier):
     work = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
-    for kill_at_save in (2, 5):  # die inside a checkpoint write, twice
+    for kill_at_save in (2, 5, 8):  # die inside checkpoint and snapshot writes
         proc = _launch(driver, work, KILL_AT_SAVE=str(kill_at_save))
         proc.communicate(timeout=300)
         assert proc.returncode == -signal.SIGKILL
@@ -134,6 +135,11 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, tier):
     resumed = _weights(work / "run" / "last.pt")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    # every file of the run folder (snapshots included) is there and byte-identical
+    names = sorted(p.name for p in (tmp_path / "clean" / "run").iterdir())
+    assert names == sorted(p.name for p in (work / "run").iterdir())
+    for name in names:
+        assert (work / "run" / name).read_bytes() == (tmp_path / "clean" / "run" / name).read_bytes(), name
 
 
 def _tiny_model(hidden: int = 8) -> TimeMLP:
@@ -232,3 +238,27 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
     with pytest.raises(CheckpointError, match="not for {'method': 'reflow'}"):
         train(_tiny_model(), Quadratic(), lambda s, g: None, config, tmp_path, progress=False,
               meta={"method": "reflow"})
+
+
+def test_resumed_checkpoint_files_are_byte_identical(tmp_path):
+    """Snapshots and last.pt of a run interrupted after step 6 and resumed equal, byte for byte,
+    those of an uninterrupted run (DVC hashes these files)."""
+    config = TrainConfig(steps=12, lr=1e-2, checkpoint_every=3, snapshot_every=6, log_every=3)
+    train(_tiny_model(), Quadratic(), lambda s, g: None, config, tmp_path / "a", progress=False,
+          meta={"method": "m"})
+
+    def stop_after_six(step, generator):
+        if step == 7:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_model(), Quadratic(), stop_after_six, config, tmp_path / "b", progress=False,
+              meta={"method": "m"})
+    train(_tiny_model(), Quadratic(), lambda s, g: None, config, tmp_path / "b", progress=False,
+          meta={"method": "m"})
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["last.pt", "step_0000006.pt", "step_0000012.pt"]
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
