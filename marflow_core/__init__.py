@@ -14,7 +14,7 @@ from .errors import CheckpointError, InvalidParameter, NonFiniteLossError
 from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
 from .marginal import MAConfig, delta_field, ma_surrogate, ma_value_estimate, ma_value_rate
 from .models import TimeMLP, TimeMLPConfig, VelocityField
-from .objectives import DistillationObjective, LossTerms, Objective
+from .objectives import DistillationObjective, FlowMatchingObjective, LossTerms, Objective
 from .perflow import PeRFlowConfig, PeRFlowSampler
 from .reflow import ReflowPairConfig, ReflowPairSampler, generate_reflow_pairs, load_pairs
 from .seeding import derive_seed, stream
@@ -22,11 +22,18 @@ from .solvers import odeint_adaptive, odeint_fixed, uniform_grid
 from .teachers import GaussianMixtureTeacher, Teacher, VelocityTeacher, score_from_velocity
 from .training import TrainConfig, TrainResult, load_checkpoint, train
 from .trajectory import WindowBatch, sample_few_step, trajectory_matching_loss
+from .window_bank import (
+    WindowBankConfig,
+    WindowBankSampler,
+    generate_window_bank,
+    load_window_bank,
+)
 from .windows import TimeWindows, segment_point, segment_velocity
 
 __all__ = [
     "CheckpointError",
     "DistillationObjective",
+    "FlowMatchingObjective",
     "FlowWithLogDet",
     "GaussianMixtureTeacher",
     "InvalidParameter",
@@ -46,6 +53,8 @@ __all__ = [
     "TrainResult",
     "VelocityField",
     "VelocityTeacher",
+    "WindowBankConfig",
+    "WindowBankSampler",
     "WindowBatch",
     "batch_jacobian",
     "delta_field",
@@ -55,9 +64,11 @@ __all__ = [
     "exact_divergence",
     "flow_with_logdet",
     "generate_reflow_pairs",
+    "generate_window_bank",
     "hutchinson_divergence",
     "load_checkpoint",
     "load_pairs",
+    "load_window_bank",
     "ma_surrogate",
     "ma_value_estimate",
     "ma_value_rate",

@@ -13,7 +13,7 @@ import torch
 
 from .errors import NonFiniteLossError
 from .marginal import MAConfig, ma_surrogate
-from .models import VelocityField
+from .models import VelocityField, expand_time
 from .teachers import Teacher
 from .trajectory import WindowBatchSampler, trajectory_matching_loss
 
@@ -59,3 +59,19 @@ class DistillationObjective:
             total = total + self.ma.weight * ma
         parts["total"] = float(total.detach())
         return LossTerms(total, parts)
+
+
+@dataclass
+class FlowMatchingObjective:
+    """Conditional flow matching of the linear interpolant (docs/method.md, section 1), for training
+    a teacher from data: ``x_t = (1 - t) x0 + t x1``, ``x0 ~ N(0, I)``, ``t ~ U[0, 1)``,
+    ``L = mean || v(x_t, t) - (x1 - x0) ||^2``. The batch is ``x1: (B, ...)``."""
+
+    def __call__(self, model: VelocityField, batch: torch.Tensor, step: int,
+                 generator: torch.Generator | None) -> LossTerms:
+        x1 = batch
+        x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
+        t = torch.rand(x1.shape[0], generator=generator, dtype=x1.dtype).to(x1.device)
+        xt = (1 - expand_time(t, x1)) * x0 + expand_time(t, x1) * x1
+        loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
+        return LossTerms(loss, {"fm": float(loss.detach()), "total": float(loss.detach())})

@@ -23,6 +23,7 @@ HARNESS_FILES: tuple[str, ...] = (
     "replication/notebook.py",
     "replication/registry.py",
     "replication/reproducible.py",
+    "replication/runs.py",
     "replication/stage.py",
 )
 #: top-level ``params.yaml`` keys that belong to no tier

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,8 +21,9 @@ from marflow_core import (
     load_pairs,
     train,
 )
-from marflow_core.atomic import atomic_write_text
 
+from .. import runs
+from ..runs import prepare_run_dir
 from .config import StudentConfig, Toy2DConfig, TrainStageConfig
 
 DIM = 2
@@ -92,26 +90,8 @@ TRAINING_SOURCES: tuple[str, ...] = ("config.py", "tier.py")
 
 
 def source_digest() -> str:
-    """SHA-256 of the library and the tier's training sources: checkpoints made by other code are
-    never resumed."""
-    import marflow_core
-
-    digest = hashlib.sha256()
-    library = sorted(Path(marflow_core.__file__).parent.glob("*.py"))
-    tier = [Path(__file__).parent / name for name in TRAINING_SOURCES]
-    for path in [*library, *tier]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def prepare_run_dir(path: Path, fingerprint: dict) -> None:
-    """Keep ``path``'s files (to resume) only if they were made with the same ``fingerprint``."""
-    stamp = path / "fingerprint.json"
-    text = json.dumps(fingerprint, indent=1, sort_keys=True)
-    if path.exists() and (not stamp.exists() or stamp.read_text() != text):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(text, stamp)
+    """The library's and this tier's training code (``runs.source_digest``)."""
+    return runs.source_digest(Path(__file__).parent, TRAINING_SOURCES)
 
 
 def train_student(

@@ -1,0 +1,139 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Image tier: the main table
+#
+# Methods x NFE, scored against the held-out split: **FID, KID, precision and recall** in the
+# TF-2015 Inception features (computed by torch-fidelity), the **domain FD** in the features of a
+# classifier trained on the same data (not comparable to Inception FID), the **class-mass TV** (total
+# variation between the predicted class frequencies of the samples and the held-out labels' frequencies)
+# and **KL(student || teacher)**, the quantity MA claims to reduce, measured with the learned teacher:
+# the student's exact log-density by the change of variables of each Euler step (D x D Jacobians)
+# against the teacher's CNF log-density (Hutchinson, with its error bar).
+#
+# Every sampler starts from the same noise. Intervals are 95% Student-t intervals over *training
+# seeds*; the +MA deltas are paired by seed. The MA regularizer is a **reconstruction** from the
+# paper's abstract (docs/method.md, section 4); the paper's own numbers are unknown. Sample counts
+# are printed with every table: on this CPU they are small, so FIDs are strongly biased upward
+# (compare rows with each other, never with published FIDs).
+
+# %% tags=["parameters"]
+params = None  # papermill injects the params.yaml sections; None reads params.yaml
+out_dir = "results/images/table"
+checkpoint_dir = "checkpoints/images"
+progress = True
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from replication.images.evaluate import image_grid
+from replication.images.scoring import kl_rows, load_reference, sample_sets, score_rows
+from replication.images.table import METRICS, aggregate, formatted, ma_deltas
+from replication.images.tier import load_split, load_teacher
+from replication.notebook import print_wall_time, save_figure, save_json, setup_plotting, stage_configs
+
+images, ref_cfg, students_cfg, cfg = stage_configs(
+    params, ["images", "images_reference", "images_students", "table_images"])
+setup_plotting()
+out, root = Path(out_dir), Path(checkpoint_dir)
+out.mkdir(parents=True, exist_ok=True)
+split = load_split(images)
+teacher, _ = load_teacher(images, root)
+reference = load_reference(images, ref_cfg, root)
+
+# %%
+sets = sample_sets(images, students_cfg, cfg, root, teacher, split, progress)
+for key, seconds in sets.seconds.items():
+    print_wall_time(f"sampling {key}", seconds)
+print(f"sample counts per set: {cfg.inception_samples} for Inception FID/KID/PR, {cfg.domain_samples} "
+      f"for the domain FD and class mass; reference: {reference.n_reference} held-out images; "
+      f"teacher: {cfg.teacher_method} (rtol {cfg.teacher_rtol:g}), mean NFE {sets.teacher_nfe:.0f}")
+
+# %%
+rows, seconds = score_rows(sets, reference, cfg, progress)
+print_wall_time("scoring", seconds)
+kl, kl_seconds = kl_rows(sets, teacher, students_cfg, images, cfg, root, progress)
+print_wall_time("KL to teacher", kl_seconds)
+rows = rows.merge(kl, on=["method", "seed", "nfe"], how="left") if len(kl) else rows
+metrics = [m for m, _, _ in METRICS if m in rows]
+summary = aggregate(rows, metrics)
+
+# %% [markdown]
+# ## The table
+# Mean over training seeds ± the 95% interval half-width (`(1 seed)` where a student has one seed).
+# `teacher` rows: the adaptive teacher ODE (its mean NFE in the `nfe` column); `train real`:
+# training images scored like samples (the floor of each metric at this sample count).
+
+# %%
+print(f"Inception metrics on {cfg.inception_samples} samples per set; domain FD / class mass on "
+      f"{cfg.domain_samples}; KL on {cfg.kl.n_samples} samples ({cfg.kl.probes} Hutchinson probes, "
+      f"{cfg.kl.teacher_steps} {cfg.kl.teacher_solver} teacher steps)")
+display(formatted(summary, metrics))  # noqa: F821 (notebook builtin)
+
+# %% [markdown]
+# ## Does MA help? PeRFlow+MA - PeRFlow, paired by seed
+# A negative delta of a lower-is-better metric favours MA; "no difference shown" means the 95%
+# interval contains 0.
+
+# %%
+deltas = ma_deltas(rows, "perflow_ma", "perflow", metrics)
+display(deltas)  # noqa: F821 (notebook builtin)
+reflow_deltas = ma_deltas(rows, "reflow_ma", "reflow", metrics)
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+for ax, metric in zip(axes, ["fid", "domain_fd", "kl"], strict=False):
+    part = rows[rows.method.isin(list(students_cfg.students)) & rows[metric].notna()] if metric in rows else []
+    if len(part):
+        sns.lineplot(data=part, x="nfe", y=metric, hue="method", marker="o", errorbar=("ci", 95), ax=ax)
+        ax.set(xscale="log", title=dict((m, label) for m, label, _ in METRICS)[metric])
+        ax.set_xticks(sorted(part.nfe.unique()), labels=[str(n) for n in sorted(part.nfe.unique())])
+save_figure(fig, out / "metrics_vs_nfe.png")
+plt.show()
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+if len(deltas):
+    shown = deltas[deltas.metric.isin(["fid", "kid", "domain_fd", "kl"])].copy()
+    shown["label"] = shown.metric + " @ " + shown.nfe.astype(str) + " NFE"
+    ax.errorbar(shown.delta, range(len(shown)), xerr=shown.ci95.fillna(0), fmt="o")
+    ax.set_yticks(range(len(shown)), labels=shown.label)
+    ax.axvline(0, color="k", lw=0.8)
+ax.set(title="PeRFlow+MA - PeRFlow (paired by seed, 95% t interval)", xlabel="delta")
+save_figure(fig, out / "ma_deltas.png")
+plt.show()
+
+# %% [markdown]
+# ## Samples
+# The same noise through every sampler (training seed 0 of each student).
+
+# %%
+grid_rows = {"teacher": sets.teacher[: cfg.grid_samples]}
+for name in students_cfg.students:
+    for nfe in cfg.nfe:
+        grid_rows[f"{name} {nfe} NFE"] = sets.students[(name, students_cfg.students[name].seeds[0], nfe)][: cfg.grid_samples]
+fig = image_grid(grid_rows, ncols=cfg.grid_samples)
+save_figure(fig, out / "sample_grid.png")
+plt.show()
+
+# %%
+rows.to_csv(out / "table.csv", index=False, float_format="%.6g")
+save_json({"rows": rows.to_dict(orient="records"), "summary": summary.to_dict(orient="records"),
+           "perflow_ma_minus_perflow": deltas.to_dict(orient="records"),
+           "reflow_ma_minus_reflow": reflow_deltas.to_dict(orient="records"),
+           "counts": {"inception_samples": cfg.inception_samples, "domain_samples": cfg.domain_samples,
+                      "reference_images": reference.n_reference, "kl_samples": cfg.kl.n_samples},
+           "teacher_mean_nfe": sets.teacher_nfe}, out / "metrics.json")

@@ -1,0 +1,1 @@
+"""The image tier: small real images, a learned UNet teacher, reflow / PeRFlow +- MA students."""

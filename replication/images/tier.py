@@ -1,0 +1,223 @@
+"""Builds the image tier's pieces from configs: data, teacher, students, training, loading, sampling.
+
+Images stay image-shaped, ``(B, C, H, W)`` in ``[-1, 1]``; the library is shape-generic. Teacher and
+students share one ``UNetVelocity`` architecture; every student starts from the teacher's weights
+(as PeRFlow and 2-rectified flow do), so its training seeds differ in data order, times and probes.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from marflow_core import (
+    DistillationObjective,
+    FlowMatchingObjective,
+    ReflowPairSampler,
+    TimeWindows,
+    TrainResult,
+    VelocityTeacher,
+    WindowBankSampler,
+    generate_reflow_pairs,
+    generate_window_bank,
+    load_checkpoint,
+    load_pairs,
+    load_window_bank,
+    train,
+)
+from marflow_core.unet import UNetVelocity
+
+from .. import runs
+from ..runs import prepare_run_dir
+from .config import ImagesConfig, OptimConfig, StudentConfig, StudentsStageConfig, TeacherStageConfig
+from .data import ImageSplit, load_digits_split, load_image_folder_split, load_mnist_split
+
+#: the tier's modules that decide what training produces (evaluation code is not among them)
+TRAINING_SOURCES: tuple[str, ...] = ("config.py", "data.py", "tier.py")
+TEACHER_DIR, REFERENCE_DIR, STUDENTS_DIR = "teacher", "reference", "students"
+
+
+def source_digest() -> str:
+    return runs.source_digest(Path(__file__).parent, TRAINING_SOURCES)
+
+
+def load_split(cfg: ImagesConfig) -> ImageSplit:
+    """The train / held-out split of the configured dataset, in ``[-1, 1]``."""
+    if cfg.dataset == "digits":
+        return load_digits_split(cfg.heldout_fraction, cfg.seed)
+    if cfg.dataset == "mnist":
+        return load_mnist_split(cfg.size, cfg.heldout_fraction, cfg.seed)
+    return load_image_folder_split(cfg.folder, cfg.size, cfg.channels, cfg.heldout_fraction, cfg.seed)
+
+
+def make_model(cfg: ImagesConfig) -> UNetVelocity:
+    return UNetVelocity(cfg.channels, cfg.size, cfg.model).to(cfg.device)
+
+
+def data_batches(data: torch.Tensor, batch_size: int):
+    """``batch_fn(step, generator)``: ``batch_size`` training images drawn with replacement."""
+    return lambda step, gen: data[torch.randint(0, len(data), (batch_size,), generator=gen).to(data.device)]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class RunCost:
+    """What one training run cost: steps trained in this process, seconds per step, peak RSS."""
+
+    steps_trained: int
+    resumed_from: int
+    seconds_per_step: float | None
+    peak_rss_mib: float
+
+
+def run_cost(result: TrainResult) -> RunCost:
+    trained = result.steps - result.resumed_from
+    per_step = result.wall_seconds / trained if trained else None
+    return RunCost(trained, result.resumed_from, per_step, peak_rss_mib())
+
+
+# --- teacher ---------------------------------------------------------------------------------------
+
+def teacher_meta(images: ImagesConfig) -> dict:
+    return {"tier": "images", "role": "teacher", "dataset": images.dataset, "size": images.size}
+
+
+def train_teacher(images: ImagesConfig, cfg: TeacherStageConfig, root: Path,
+                  progress: bool = True) -> TrainResult:
+    """Flow-matching training (or resumption) of the teacher into ``root/teacher``."""
+    split = load_split(images)
+    run_dir = root / TEACHER_DIR
+    prepare_run_dir(run_dir, {"images": asdict(images), "teacher": asdict(cfg), "code": source_digest()})
+    torch.manual_seed(cfg.seed)
+    model = make_model(images)
+    data = split.train.to(images.device)
+    return train(model, FlowMatchingObjective(), data_batches(data, cfg.batch_size),
+                 cfg.train_config(cfg.seed), run_dir, progress, desc="teacher", meta=teacher_meta(images))
+
+
+def load_teacher(images: ImagesConfig, root: Path) -> tuple[UNetVelocity, list[dict]]:
+    """The trained teacher (eval mode, frozen) and its loss history."""
+    path = root / TEACHER_DIR / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no teacher checkpoint {path}: run the images_teacher stage first "
+                                f"(dvc repro)")
+    model = make_model(images)
+    state = load_checkpoint(path, model, teacher_meta(images))
+    return model.eval().requires_grad_(False), state["history"]
+
+
+# --- students --------------------------------------------------------------------------------------
+
+def student_meta(name: str, seed: int, student: StudentConfig) -> dict:
+    fields = {k: v for k, v in asdict(student).items() if k != "seeds"}
+    return {"tier": "images", "student": name, "seed": seed, **fields}
+
+
+def student_dir(root: Path, name: str, seed: int) -> Path:
+    return root / STUDENTS_DIR / "runs" / name / f"seed{seed}"
+
+
+def build_objective(student: StudentConfig, cfg: StudentsStageConfig, images: ImagesConfig,
+                    teacher_net: UNetVelocity, data: torch.Tensor, root: Path, progress: bool):
+    """(objective, batch_fn) of one student. Reflow trains on the teacher pair bank, PeRFlow on the
+    window bank; both banks are generated once (from ``images.seed``) and shared by all seeds."""
+    teacher = VelocityTeacher(teacher_net, t_max=cfg.t_max)
+    windows = TimeWindows(student.windows)
+    base = {"images": asdict(images), "code": source_digest()}
+    if student.method == "reflow":
+        p = cfg.reflow_pairs
+        bank_dir = root / STUDENTS_DIR / "banks" / "reflow_pairs"
+        prepare_run_dir(bank_dir, {**base, "pairs": asdict(p)})
+        paths = generate_reflow_pairs(teacher_net, bank_dir, p.n_pairs, p.shard_size,
+                                      tuple(teacher_net.sample_shape), base_seed=images.seed,
+                                      steps=p.steps, method=p.solver, device=images.device,
+                                      progress=progress)
+        x0, x1 = load_pairs(paths)
+        sampler = ReflowPairSampler(x0.to(images.device), x1.to(images.device), cfg.batch_size)
+    else:
+        p = cfg.window_bank
+        bank_dir = root / STUDENTS_DIR / "banks" / f"window_bank_K{student.windows}"
+        prepare_run_dir(bank_dir, {**base, "bank": asdict(p), "windows": student.windows})
+        paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, images.seed, progress)
+        bank = {k: v.to(images.device) for k, v in load_window_bank(paths).items()}
+        sampler = WindowBankSampler.from_bank(windows, bank, cfg.batch_size)
+    objective = DistillationObjective(sampler, teacher, cfg.student_ma(student))
+    return objective, (lambda step, gen: None)  # the banks are the data
+
+
+def train_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
+                  teacher_net: UNetVelocity, data: torch.Tensor, progress: bool = True) -> TrainResult:
+    """Train (or resume) one ``(student, seed)`` into ``root/students/<name>/seed<seed>``."""
+    student = cfg.students[name]
+    train_keys = {k: v for k, v in asdict(cfg).items()
+                  if k not in ("students", "ma") and not (k == "reflow_pairs" and student.method != "reflow")
+                  and not (k == "window_bank" and student.method != "perflow")}
+    ma = cfg.student_ma(student)
+    run_dir = student_dir(root, name, seed)
+    prepare_run_dir(run_dir, {"images": asdict(images), "student": asdict(student), "seed": seed,
+                              "train": train_keys, "ma": asdict(ma) if ma else None,
+                              "code": source_digest(), "teacher": _teacher_digest(root)})
+    objective, batch_fn = build_objective(student, cfg, images, teacher_net, data, root, progress)
+    model = make_model(images)
+    model.load_state_dict(teacher_net.state_dict())
+    model.requires_grad_(True)
+    return train(model, objective, batch_fn, cfg.train_config(seed), run_dir, progress,
+                 desc=f"{name} seed {seed}", meta=student_meta(name, seed, student))
+
+
+def _teacher_digest(root: Path) -> str:
+    """The teacher checkpoint's content hash: students of another teacher are never resumed."""
+    import hashlib
+
+    return hashlib.sha256((root / TEACHER_DIR / "last.pt").read_bytes()).hexdigest()
+
+
+def train_students(images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
+                   progress: bool = True) -> dict[tuple[str, int], tuple[TrainResult, RunCost]]:
+    """Every ``(student, seed)`` run of ``cfg``, in order, with its cost."""
+    teacher_net, _ = load_teacher(images, root)
+    data = load_split(images).train.to(images.device)
+    out = {}
+    for name, seed in cfg.runs():
+        result = train_student(name, seed, images, cfg, root, teacher_net, data, progress)
+        out[(name, seed)] = (result, run_cost(result))
+    return out
+
+
+def build_banks(images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
+                progress: bool = True) -> dict[str, float]:
+    """Generate (or find) every bank the students need, once; wall seconds per bank (0 if found)."""
+    teacher_net, _ = load_teacher(images, root)
+    data = load_split(images).train.to(images.device)
+    seconds: dict[str, float] = {}
+    for student in cfg.students.values():
+        key = "reflow_pairs" if student.method == "reflow" else f"window_bank_K{student.windows}"
+        if key not in seconds:
+            tic = time.perf_counter()
+            build_objective(student, cfg, images, teacher_net, data, root, progress)
+            seconds[key] = time.perf_counter() - tic
+    return seconds
+
+
+def load_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageConfig,
+                 root: Path) -> tuple[UNetVelocity, TimeWindows, list[dict]]:
+    """A trained student (eval mode, frozen), its windows and its loss history."""
+    student = cfg.students[name]
+    path = student_dir(root, name, seed) / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint {path}: run the images_students stage first (dvc repro)")
+    model = make_model(images)
+    state = load_checkpoint(path, model, student_meta(name, seed, student))
+    return model.eval().requires_grad_(False), TimeWindows(student.windows), state["history"]
+
+
+def optim_summary(cfg: OptimConfig) -> str:
+    return f"batch {cfg.batch_size}, {cfg.steps} steps, lr {cfg.lr:g}"
