@@ -120,14 +120,15 @@ def finite_difference_divergence(
 
     A forward difference of ``e^T v`` along each probe: bias ``O(step)`` against the Hutchinson
     estimate (zero for a linear field), no vector-Jacobian product, so its parameter gradient
-    needs only a first-order backward (any attention kernel works). One extra forward pass of the
-    ``P * B`` shifted points.
+    needs only a first-order backward (any attention kernel works). ``x`` and the ``P * B`` shifted
+    points go through ``field`` as one batch of ``(P + 1) B`` (the field must treat rows
+    independently, as every velocity field here does).
     """
-    n_probes = probes.shape[0]
+    n_probes, b = probes.shape[0], x.shape[0]
     with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
-        v = field(x, t)
         shifted = (x[None] + step * probes).flatten(0, 1)
-        v_shift = field(shifted, t.repeat(n_probes)).view(n_probes, *x.shape)
+        both = field(torch.cat([x, shifted]), torch.cat([t, t.repeat(n_probes)]))  # one batched pass
+        v, v_shift = both[:b], both[b:].view(n_probes, *x.shape)
         div = ((v_shift - v[None]) * probes).flatten(2).sum(-1).mean(0) / step
     if not create_graph:
         v, div = v.detach(), div.detach()

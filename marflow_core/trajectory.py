@@ -29,6 +29,10 @@ class WindowBatch:
     t_start: torch.Tensor
     t_end: torch.Tensor
 
+    def head(self, n: int) -> WindowBatch:
+        """The first ``n`` rows."""
+        return WindowBatch(*(getattr(self, f)[:n] for f in ("x_start", "y_end", "k", "t", "t_start", "t_end")))
+
     def point(self) -> torch.Tensor:
         """The student's input ``x_t`` on the straight segment."""
         return segment_point(self.x_start, self.y_end, self.t, self.t_start, self.t_end)

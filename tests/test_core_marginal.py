@@ -458,3 +458,21 @@ def test_window_weights_too_short_raises():
     with pytest.raises(ValueError):
         ma_surrogate(AffineStudent(0.1, 0.1), GaussianTarget(torch.zeros(2, dtype=F64), 1.0), wb,
                      MAConfig(window_weights=[1.0, 1.0]))
+
+
+def test_batch_fraction_uses_the_first_rows_only():
+    """``batch_fraction = 0.5`` on 20 rows whose last 10 are NaN: finite, and equal to the closed-form
+    per-sample surrogate of the discrete Euler map averaged over the first 10 rows (over ``d``)."""
+    a, b, dim, n = 0.3, 0.2, 2, 20
+    x = torch.cat([whitened(10, dim, seed=4) + 0.5, torch.full((10, dim), float("nan"), dtype=F64)])
+    wb = window_batch(x, 0.0, 0.5)
+    m, s = torch.tensor([0.2, -0.1], dtype=F64), 1.3
+    cfg = MAConfig(substeps=1, logdet="discrete", batch_fraction=0.5)
+    value = ma_surrogate(AffineStudent(a, b), GaussianTarget(m, s), wb, cfg)
+    g = 1 + a * 0.5  # one Euler step of length 0.5
+    y = g * x[:10] + b * 0.5
+    per_sample = -dim * math.log(g) - (-(y - m) / s**2 * y).sum(-1)
+    assert torch.isfinite(value)
+    assert float(value) == pytest.approx(float(per_sample.mean()) / dim, rel=1e-12)
+    with pytest.raises(ValueError):
+        MAConfig(batch_fraction=0.0)

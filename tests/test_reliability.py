@@ -51,6 +51,31 @@ TRAINING_DRIVERS = {
             return model, objective, lambda step, gen: batch_fn(step, gen)[:64], config, \\
                 student_meta("perflow_ma", student)
     """),
+    "images": textwrap.dedent("""
+        from dataclasses import replace
+        from marflow_core.unet import UNetConfig
+        from replication.config import load_params
+        from replication.registry import section
+        from replication.images.tier import build_objective, make_model, student_meta
+
+        def build(work):
+            params = load_params(ROOT / "params.yaml")
+            images, cfg = section(params, "images"), section(params, "images_students")
+            images = replace(images, model=UNetConfig(widths=[8, 16], norm_groups=4))
+            cfg = replace(cfg, batch_size=16, window_bank=replace(
+                cfg.window_bank, n_entries=64, shard_size=32, teacher_steps=1))
+            student = cfg.students["perflow_ma"]
+            torch.manual_seed(1)
+            teacher = make_model(images).eval().requires_grad_(False)
+            data = torch.rand(32, images.channels, images.size, images.size) * 2 - 1
+            objective, batch_fn = build_objective(student, cfg, images, teacher, data, work / "banks",
+                                                  progress=False)
+            torch.manual_seed(0)
+            model = make_model(images)
+            config = TrainConfig(steps=40, lr=1e-3, seed=3, checkpoint_every=4, snapshot_every=8,
+                                 log_every=4, warmup=5)
+            return model, objective, batch_fn, config, student_meta("perflow_ma", 0, student)
+    """),
 }
 
 DRIVER = textwrap.dedent("""

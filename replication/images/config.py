@@ -201,17 +201,20 @@ class ReferenceStageConfig:
 class KLConfig:
     """KL(student || teacher) by exact student log-densities (Euler change of variables, D x D
     Jacobians) and the teacher's CNF (``teacher_steps`` of ``teacher_solver`` back to noise,
-    Hutchinson divergence with ``probes`` probes per sample)."""
+    Hutchinson divergence with ``groups`` independent groups of ``probes`` probes per sample; the
+    spread of the groups is the Hutchinson error bar). ``chunk`` samples at a time."""
 
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
     nfe: list[int] = field(default_factory=lambda: [4])
     n_samples: int = 256
     teacher_steps: int = 16
     teacher_solver: str = "rk4"
-    probes: int = 2
+    probes: int = 1
+    groups: int = 2
     chunk: int = 128
 
     def validate(self, where: str) -> None:
+        require(self.groups >= 2, f"{where}.groups", self.groups, "need >= 2 probe groups for an error bar")
         for key in ("n_samples", "teacher_steps", "probes", "chunk"):
             require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
         require(self.n_samples >= 2, f"{where}.n_samples", self.n_samples, "need >= 2 for an error bar")
