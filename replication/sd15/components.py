@@ -77,7 +77,7 @@ def save_student(student: torch.nn.Module, model_dir: str | Path, out_dir: Path,
 
     base = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
                                                    local_files_only=True)
-    teacher_state = {k: v.detach().float().cpu() for k, v in base.unet.state_dict().items()}
+    teacher_state = {k: v.detach().float().cpu().clone() for k, v in base.unet.state_dict().items()}
     base.unet.load_state_dict(student.state_dict())
     base.scheduler = scheduler
     final = out_dir / "pipeline"
