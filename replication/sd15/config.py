@@ -33,7 +33,7 @@ def _check(items: list[tuple[str, Any, bool, str]]) -> None:
 
 @dataclass
 class PeRFlowSD15Config:
-    """PeRFlow on SD 1.5 (METHOD.md section 2).
+    """PeRFlow on SD 1.5 (docs/method.md, section 2).
 
     ``windows`` K equal windows; ``teacher_steps`` M DDIM steps of the teacher per window;
     ``target``: ``diff_eps`` / ``ddim_eps`` (the student keeps the eps head) or ``velocity``;
@@ -74,7 +74,7 @@ class PeRFlowSD15Config:
 
 @dataclass
 class SD15MAConfig:
-    """The MA term through the UNet (METHOD.md section 4, a reconstruction).
+    """The MA term through the UNet (docs/method.md, section 4, a reconstruction).
 
     ``weight`` lambda; ``substeps`` n Euler sub-steps of the student per window; ``divergence``:
     ``hutchinson_fd`` (forward differences, first-order backward only, works with fused attention)

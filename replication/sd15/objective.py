@@ -2,7 +2,7 @@
 
 Time is SD time ``tau`` in ``(0, T]`` (``T = 1000`` is noise; ``marflow_core.vp``): the student UNet
 gets ``tau`` (what PeRFlow's scheduler hands it at sampling), the teacher the table index ``tau - 1``.
-Per sample (METHOD.md section 2):
+Per sample (docs/method.md, section 2):
 
 1. ``tau`` on the grid, its window ``tau_s >= tau > tau_e``; the window start is the noised real latent
    ``x_s = sqrt(abar_s) z + sqrt(1 - abar_s) eps``;
