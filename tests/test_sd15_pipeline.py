@@ -104,17 +104,17 @@ def test_saved_pipeline_samples_in_four_steps(trained):
     assert calls == [1000.0, 750.0, 500.0, 250.0]  # one step per window, starting at each window start
 
 
-def test_resume_continues_from_the_last_checkpoint(trained, tiny_sd, caption_folder):
-    """A longer ``steps`` resumes from checkpoint-2 instead of starting over."""
+def test_resume_uses_the_last_checkpoint_and_refuses_a_changed_config(trained, tiny_sd, caption_folder, capsys):
+    """The newest checkpoint is the one resumed; a run dir of another config is refused, key named."""
+    from replication.sd15 import train
     from replication.sd15.config import SD15TrainConfig, load_config
-    from replication.sd15.train import latest_checkpoint
 
     cfg = load_config(SD15TrainConfig, trained / "run.yaml")
-    assert latest_checkpoint(Path(cfg.output_dir)).name == "checkpoint-2"
+    assert train.latest_checkpoint(Path(cfg.output_dir)).name == "checkpoint-2"
     changed = _train_config(trained, tiny_sd, caption_folder, "run", seed=1)
-    proc = subprocess.run([sys.executable, "-m", "replication.sd15.train", "--config", str(changed)],
-                          cwd=trained, env=_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "seed = 1" in proc.stderr and "seed = 0" in proc.stderr
+    assert train.main(["--config", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "seed = 1" in err and "seed = 0" in err
 
 
 def test_two_processes_match_one_process(trained, tiny_sd, caption_folder):
