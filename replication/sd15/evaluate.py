@@ -1,0 +1,177 @@
+"""COCO-2017 text-to-image evaluation of any diffusers SD pipeline folder (teacher, published, ours).
+
+    python -m replication.sd15.evaluate --config CONFIG.yaml [--section KEY]
+    accelerate launch -m replication.sd15.evaluate ...   (one process; generation is not sharded)
+
+The YAML maps onto ``SD15EvalConfig``. For each model and step count: images from the first caption of
+the first ``n_prompts`` val images, seed ``seed + i`` for image ``i``, at ``resolution`` px; FID
+against the centre-cropped val images and the CLIP score (cosine similarity). Writes
+``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside
+``replication/references/coco2017.yaml``); the generated images stay under ``output_dir/images/``.
+Inputs are checked first: a missing folder or file is one line on stderr, exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from marflow_core.atomic import atomic_write_text
+
+from ..config import ConfigError
+from .config import ModelSpec, SD15EvalConfig, load_config
+from .inputs import check_coco_dir, check_pipeline_dir
+
+ClipFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
+
+
+def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
+    """COCO folder and every model folder exist with the expected layout; returns the COCO paths."""
+    from .coco import check_reference_images, coco_prompts
+
+    for name, spec in cfg.models.items():
+        path = check_pipeline_dir(spec.path, f"models.{name}.path", require_epsilon=False)
+        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        windows = (spec.perflow_windows if spec.scheduler == "perflow" else
+                   sched.get("num_time_windows", 1) if spec.scheduler == "own" and
+                   sched.get("_class_name") == "PeRFlowScheduler" else 1)
+        if min(spec.steps) < windows:
+            raise ConfigError(f"models.{name}.steps = {spec.steps}: a PeRFlow scheduler with {windows} windows "
+                              f"needs >= {windows} steps (one per window); fewer steps need a student trained "
+                              f"with fewer windows")
+        if spec.delta_weights and not Path(spec.delta_weights).is_file():
+            raise ConfigError(f"models.{name}.delta_weights = {spec.delta_weights!r}: no such file")
+    ann, images = check_coco_dir(cfg.coco_dir)
+    check_reference_images(images, coco_prompts(ann, cfg.n_prompts))
+    return ann, images
+
+
+def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """The pipeline of ``spec.path`` with the requested scheduler (and delta weights) on ``device``."""
+    import marflow_core.scheduler as perflow_sched  # noqa: F401  (lets diffusers load our students' scheduler)
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline)
+
+    pipe = StableDiffusionPipeline.from_pretrained(spec.path, dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    if spec.delta_weights:
+        from .components import merge_delta_weights
+
+        merge_delta_weights(pipe.unet, spec.delta_weights)
+    config = pipe.scheduler.config
+    if spec.scheduler == "perflow":
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        pipe.scheduler = perflow_sched.PeRFlowScheduler(
+            **{k: config[k] for k in keys if k in config}, prediction_type=spec.perflow_prediction_type,
+            t_noise=1, t_clean=0, num_time_windows=spec.perflow_windows)
+    elif spec.scheduler != "own":
+        cls = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler,
+               "euler": EulerDiscreteScheduler}[spec.scheduler]
+        pipe.scheduler = cls.from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(pipe, prompts: list, steps: int, guidance: float, cfg: SD15EvalConfig, out: Path,
+             device: torch.device) -> Path:
+    """``out/<image_id>.png`` for every prompt (seed ``cfg.seed + i``), written to a temp folder then
+    renamed; an existing complete folder is reused (an interrupted run resumes per setting)."""
+    from tqdm.auto import tqdm
+
+    names = [f"{p.image_id:012d}.png" for p in prompts]
+    if out.is_dir() and sorted(x.name for x in out.iterdir()) == sorted(names):
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen_device = "cpu" if device.type == "mps" else device
+    for lo in tqdm(range(0, len(prompts), cfg.batch_size), disable=not cfg.progress, desc=f"{out.parent.name} {steps} steps"):
+        batch = prompts[lo:lo + cfg.batch_size]
+        gens = [torch.Generator(gen_device).manual_seed(cfg.seed + lo + j) for j in range(len(batch))]
+        images = pipe([p.caption for p in batch], num_inference_steps=steps, guidance_scale=guidance,
+                      height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pil").images
+        for p, img in zip(batch, images):
+            img.save(tmp / f"{p.image_id:012d}.png")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def clip_score(folder: Path, prompts: list, scorer: ClipFn, batch_size: int) -> float:
+    """Mean cosine similarity of each generated image with its prompt."""
+    sims = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = prompts[lo:lo + batch_size]
+        images = [Image.open(folder / f"{p.image_id:012d}.png").convert("RGB") for p in batch]
+        sims.append(scorer(images, [p.caption for p in batch]))
+    return float(torch.cat(sims).mean())
+
+
+def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: torch.device | None = None) -> dict:
+    """Generate, score and write ``metrics.json`` + ``comparison.md``; returns the metrics dict."""
+    from .coco import coco_prompts, write_references
+    from .metrics import ClipScorer, fid
+    from .references import comparison_table
+
+    ann, image_dir = check_inputs(cfg)
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 convolutions are not implemented on CPU
+    prompts = coco_prompts(ann, cfg.n_prompts)
+    out = Path(cfg.output_dir)
+    reference = write_references(image_dir, prompts, cfg.resolution, out / f"reference_{cfg.resolution}")
+    if clip_scorer is None:
+        clip_scorer = ClipScorer(cfg.clip_model, cfg.clip_checkpoint or cfg.clip_pretrained, device)
+    rows = []
+    for name, spec in cfg.models.items():
+        pipe = load_pipeline(spec, device, dtype)
+        for steps in spec.steps:
+            folder = generate(pipe, prompts, steps, spec.guidance, cfg, out / "images" / name / f"steps_{steps}", device)
+            row = {"model": name, "steps": steps, "scheduler": spec.scheduler, "guidance": spec.guidance,
+                   "fid": fid(folder, reference, cfg.fid_extractor, cfg.fid_extractor_weights, device.type == "cuda"),
+                   "clip": clip_score(folder, prompts, clip_scorer, cfg.batch_size)}
+            rows.append(row)
+            if not cfg.keep_images:
+                shutil.rmtree(folder)
+        del pipe
+    metrics = {"protocol": {"dataset": "COCO-2017 val, first caption per image", "n_prompts": cfg.n_prompts,
+                            "resolution": cfg.resolution, "seed": cfg.seed, "fid_extractor": cfg.fid_extractor,
+                            "clip_model": f"{cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}",
+                            "clip_scale": "cosine similarity"},
+               "rows": rows}
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
+    note = (f"{cfg.n_prompts} prompts, {cfg.resolution} px, FID extractor {cfg.fid_extractor}, "
+            f"CLIP {cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}")
+    atomic_write_text(comparison_table(rows, protocol_note=note), out / "comparison.md")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replication.sd15.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file mapping onto SD15EvalConfig")
+    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(SD15EvalConfig, args.config, args.section)
+        check_inputs(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    evaluate(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

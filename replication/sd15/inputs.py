@@ -1,0 +1,117 @@
+"""Checks of the on-disk inputs (weights folder, caption folder, COCO folder), run before any import of
+diffusers or any write: a missing or misplaced input fails in seconds with a message that names what
+is missing and where it should go (docs/gpu.md lists the layouts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+
+#: (sub-path alternatives, what it is) every SD pipeline folder must hold
+_PIPELINE_FILES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("model_index.json",), "the pipeline index"),
+    (("unet/config.json",), "the UNet config"),
+    (("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+      "unet/diffusion_pytorch_model.fp16.safetensors"), "the UNet weights"),
+    (("vae/config.json",), "the VAE config"),
+    (("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+      "vae/diffusion_pytorch_model.fp16.safetensors"), "the VAE weights"),
+    (("text_encoder/config.json",), "the CLIP text-encoder config"),
+    (("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin",
+      "text_encoder/model.fp16.safetensors"), "the CLIP text-encoder weights"),
+    (("tokenizer/vocab.json", "tokenizer/tokenizer.json"), "the CLIP tokenizer vocabulary"),
+    (("scheduler/scheduler_config.json",), "the noise-schedule config"),
+)
+SD15_HINT = ("a local diffusers Stable Diffusion 1.5 folder, e.g. "
+             "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR "
+             "--exclude '*.ckpt' 'safety_checker/*'` on a machine with network (docs/gpu.md)")
+
+
+class MissingInput(ConfigError):
+    """An input file or folder that is absent or laid out wrongly; the message says where it goes."""
+
+
+def _missing(key: str, path: Path, what: str, hint: str) -> MissingInput:
+    return MissingInput(f"{key} = {str(path)!r}: missing {what}; {hint}")
+
+
+def check_pipeline_dir(path: str | Path, key: str = "model_dir", require_epsilon: bool = True) -> Path:
+    """``path`` is a diffusers SD pipeline folder with every file the tier loads; returns it.
+
+    ``require_epsilon``: the scheduler's ``prediction_type`` must be ``epsilon`` (a teacher; SD 2.x
+    ``v_prediction`` and PeRFlow's own ``diff_eps`` schedulers are refused with the value named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise _missing(key, path, "the folder itself", f"put {SD15_HINT}")
+    for alternatives, what in _PIPELINE_FILES:
+        if not any((path / alt).is_file() for alt in alternatives):
+            raise _missing(key, path, f"{what} ({' or '.join(alternatives)})",
+                           f"expected the layout of {SD15_HINT}")
+    if require_epsilon:
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        pred = json.loads(sched_file.read_text()).get("prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ConfigError(f"{sched_file}: prediction_type = {pred!r}: unsupported; the teacher must be an "
+                              f"eps-prediction model (SD 1.5: 'epsilon')")
+    return path
+
+
+#: caption folder layout (docs/gpu.md): ``images/`` plus ``captions.jsonl`` with one
+#: ``{"image": "<file name under images/>", "caption": "<text>"}`` per line
+CAPTIONS_FILE = "captions.jsonl"
+IMAGES_DIR = "images"
+DATA_HINT = (f"a caption folder holds {IMAGES_DIR}/<name>.jpg|png and {CAPTIONS_FILE} with one "
+             '{"image": "<name>.jpg", "caption": "..."} per line (docs/gpu.md)')
+
+
+def read_caption_folder(path: str | Path, key: str = "data_dir", check_first: int = 1000) -> list[tuple[Path, str]]:
+    """``[(image path, caption), ...]`` of a caption folder; the first ``check_first`` images are
+    checked to exist (all are read lazily by the dataset, which names a missing file)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _missing(key, path, "the folder itself", DATA_HINT)
+    captions, images = path / CAPTIONS_FILE, path / IMAGES_DIR
+    if not captions.is_file():
+        raise _missing(key, path, CAPTIONS_FILE, DATA_HINT)
+    if not images.is_dir():
+        raise _missing(key, path, f"the folder {IMAGES_DIR}/", DATA_HINT)
+    pairs = []
+    for lineno, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            pair = (images / entry["image"], str(entry["caption"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{captions}:{lineno} = {line[:80]!r}: expected "
+                              '{"image": "<name>", "caption": "<text>"}') from None
+        if len(pairs) < check_first and not pair[0].is_file():
+            raise _missing(key, path, f"{IMAGES_DIR}/{entry['image']} (named on line {lineno} of {CAPTIONS_FILE})",
+                           DATA_HINT)
+        pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"{captions}: no caption lines; {DATA_HINT}")
+    return pairs
+
+
+COCO_ANNOTATIONS = "annotations/captions_val2017.json"
+COCO_IMAGES = "val2017"
+COCO_HINT = ("unzip the official COCO-2017 files annotations_trainval2017.zip and val2017.zip "
+             "(cocodataset.org) into that folder (docs/gpu.md)")
+
+
+def check_coco_dir(path: str | Path, key: str = "coco_dir") -> tuple[Path, Path]:
+    """``(captions_val2017.json, val2017/)`` of a COCO-2017 folder, or ``MissingInput``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _missing(key, path, "the folder itself", COCO_HINT)
+    ann, images = path / COCO_ANNOTATIONS, path / COCO_IMAGES
+    if not ann.is_file():
+        raise _missing(key, path, COCO_ANNOTATIONS, COCO_HINT)
+    if not images.is_dir():
+        raise _missing(key, path, f"the folder {COCO_IMAGES}/", COCO_HINT)
+    return ann, images

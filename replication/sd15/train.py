@@ -1,0 +1,272 @@
+"""SD 1.5 trainer: PeRFlow and PeRFlow + MA with accelerate (one CPU process up to many GPUs and nodes).
+
+    python -m replication.sd15.train --config CONFIG.yaml [--section KEY]
+    accelerate launch [--multi_gpu --num_processes 8 ...] -m replication.sd15.train --config CONFIG.yaml
+
+The YAML maps onto ``SD15TrainConfig`` (replication/sd15/config.py). Inputs are checked before any
+model is loaded or anything is written: a bad key, a missing weights file or caption folder is one
+line on stderr and exit status 2. Outputs under ``output_dir``: ``checkpoints/checkpoint-<step>/``
+(accelerate ``save_state``: student, optimizer, EMA, RNG, step; the newest is resumed automatically),
+``pipeline/`` (a diffusers pipeline folder with the student UNet, EMA weights if ``ema``, and the
+PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from marflow_core.atomic import atomic_torch_save, atomic_write_text
+from marflow_core.errors import NonFiniteLossError
+
+from ..config import ConfigError
+from .config import SD15TrainConfig, load_config
+from .inputs import check_pipeline_dir, read_caption_folder
+
+#: config keys that may change when a run resumes (they do not change what is computed)
+RESUMABLE_KEYS = ("steps", "progress", "debug_dump", "log_every", "checkpoint_every",
+                  "checkpoints_total_limit", "dataloader_workers")
+CKPT = re.compile(r"checkpoint-(\d+)$")
+
+
+class TrainState:
+    """The step counter and log history, checkpointed with accelerate's ``register_for_checkpointing``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def check_inputs(cfg: SD15TrainConfig) -> None:
+    """Every input exists and is laid out as documented; raises ``ConfigError`` naming it."""
+    check_pipeline_dir(cfg.model_dir, "model_dir")
+    read_caption_folder(cfg.data_dir, "data_dir")
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        new = json.loads(json.dumps(asdict(cfg)))
+        for key in sorted(set(old) | set(new)):
+            if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+                raise ConfigError(f"{key} = {new.get(key)!r}: output_dir {str(out)!r} holds a run with "
+                                  f"{key} = {old.get(key)!r}; use another output_dir or delete it to start over")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in (out / "checkpoints").glob("checkpoint-*")
+             if (m := CKPT.search(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(accelerator, out: Path, step: int, limit: int | None) -> None:
+    """``save_state`` into a temporary folder, renamed to ``checkpoint-<step>`` once complete."""
+    ckpts = out / "checkpoints"
+    tmp, final = ckpts / f".checkpoint-{step}.tmp", ckpts / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if limit is not None:
+            old = sorted((int(CKPT.search(p.name).group(1)), p) for p in ckpts.glob("checkpoint-*"))
+            for _, path in old[:-limit]:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def perflow_scheduler(cfg: SD15TrainConfig, scheduler_config: dict):
+    """PeRFlow's scheduler for the saved student (marflow_core.scheduler), from the teacher's betas."""
+    from marflow_core.scheduler import PeRFlowScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    kwargs = {k: scheduler_config[k] for k in keys if k in scheduler_config}
+    return PeRFlowScheduler(**kwargs, prediction_type=cfg.perflow.target, t_noise=1, t_clean=0,
+                            num_time_windows=cfg.perflow.windows)
+
+
+def _fp32_context(accelerator, cfg: SD15TrainConfig):
+    """Autocast off for the finite-difference MA passes when ``ma.fd_fp32`` under mixed precision."""
+    if cfg.method == "perflow_ma" and cfg.ma.divergence == "hutchinson_fd" and cfg.ma.fd_fp32 \
+            and accelerator.mixed_precision != "no":
+        return torch.autocast(device_type=accelerator.device.type, enabled=False)
+    return None
+
+
+def train(cfg: SD15TrainConfig) -> Path:
+    """Run (or resume) training; returns the saved pipeline folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    from .batches import BatchPlan, PlannedBatches
+    from .components import load_components, save_student
+    from .data import CaptionFolder
+    from .objective import PeRFlowSD15Objective, conditioning, draw_sample_noise
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              project_config=ProjectConfiguration(project_dir=str(out)))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    comps = load_components(cfg.model_dir, accelerator.device, weight_dtype)
+    student = comps.student
+    if cfg.method == "perflow_ma" and cfg.ma.divergence == "hutchinson":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        student.set_attn_processor(AttnProcessor())  # fused attention kernels have no double backward
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    ema = None
+    if cfg.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=type(student),
+                       model_config=student.config)
+        ema.to(accelerator.device)
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW(student.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                  weight_decay=opt.weight_decay, eps=opt.eps)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(json.loads(json.dumps(asdict(cfg))), sort_keys=False), out / "config.yaml")
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+
+    dataset = CaptionFolder(cfg.data_dir, comps.tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip)
+    plan = BatchPlan(len(dataset), cfg.batch_size, accelerator.num_processes, cfg.grad_accum, cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        PlannedBatches(dataset, plan, accelerator.process_index, state.step, cfg.steps),
+        batch_size=None, num_workers=cfg.dataloader_workers)
+    objective = PeRFlowSD15Objective(comps.teacher, comps.alphas_cumprod.to(accelerator.device),
+                                     cfg.perflow, cfg.ma if cfg.method == "perflow_ma" else None)
+    with torch.no_grad():
+        null_ids = comps.tokenizer("", max_length=comps.tokenizer.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+        null_text = comps.text_encoder(null_ids)[0]
+    latent_channels = comps.vae.config.latent_channels
+    down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    latent_shape = (latent_channels, cfg.resolution // down, cfg.resolution // down)
+    scaling = comps.vae.config.scaling_factor
+    ma_on = cfg.method == "perflow_ma"
+    fp32_ctx = _fp32_context(accelerator, cfg)
+
+    progress = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and accelerator.is_local_main_process),
+                    desc="sd15 train")
+    log_path = out / "train_log.jsonl"
+    batches = iter(loader)
+    while state.step < cfg.steps:
+        step = state.step
+        for group in optimizer.param_groups:
+            group["lr"] = opt.lr * min(1.0, (step + 1) / opt.warmup) if opt.warmup else opt.lr
+        run_ma = ma_on and step % cfg.ma.every == 0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            assert int(batch["step"]) == step
+            with accelerator.accumulate(student):
+                noise = draw_sample_noise(plan.generators(step, batch["positions"].tolist()), latent_shape,
+                                          cfg.perflow.cfg_drop, cfg.ma.n_probes if ma_on else 0,
+                                          cfg.ma.probe_kind if run_ma else None)
+                with torch.no_grad():
+                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                    dist = comps.vae.encode(pixels).latent_dist
+                    latents = (dist.mean + dist.std * noise.vae.to(dist.mean)) * scaling
+                    text = comps.text_encoder(batch["input_ids"].to(accelerator.device))[0]
+                cond = conditioning(text, null_text.expand_as(text), noise.keep_text, cfg.perflow)
+                with accelerator.autocast():
+                    loss, parts = objective(student, latents, noise, cond, run_ma, fp32_ctx)
+                if not all(math.isfinite(v) for v in parts.values()):
+                    raise NonFiniteLossError(f"step {step}: non-finite loss terms {parts}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.debug_dump and step == 0:
+                        _dump_step(accelerator, student, loss, parts, Path(cfg.debug_dump))
+                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), opt.max_grad_norm)
+                    if not math.isfinite(float(grad_norm)):
+                        raise NonFiniteLossError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(student).parameters())
+        state.step += 1
+        mean_parts = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                      for k, v in parts.items()}
+        progress.update(1)
+        progress.set_postfix(**{k: f"{v:.4g}" for k, v in mean_parts.items()})
+        if accelerator.is_main_process and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": state.step, **mean_parts, "grad_norm": float(grad_norm)}) + "\n")
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    final = out / "pipeline"
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(student)
+        if ema is not None:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+        final = save_student(unet, cfg.model_dir, out, perflow_scheduler(cfg, comps.scheduler_config),
+                             cfg.save_delta_weights)
+        if ema is not None:
+            ema.restore(unet.parameters())
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _dump_step(accelerator, student, loss: torch.Tensor, parts: dict[str, float], path: Path) -> None:
+    """Step 1's process-averaged loss terms, gradient norm and flattened (synchronised) gradient."""
+    flat = torch.cat([p.grad.detach().float().flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in accelerator.unwrap_model(student).parameters()]).cpu()
+    mean_parts = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                  for k, v in parts.items()}
+    if accelerator.is_main_process:
+        atomic_torch_save({"parts": mean_parts, "grad": flat, "grad_norm": float(flat.norm()),
+                           "processes": accelerator.num_processes}, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replication.sd15.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file mapping onto SD15TrainConfig")
+    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(SD15TrainConfig, args.config, args.section)
+        check_inputs(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
