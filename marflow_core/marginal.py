@@ -13,7 +13,6 @@ teacher marginal ``p^T_{t_k}`` to ``q_{k+1}``; the regularizer is ``R_k = KL(q_{
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from marflow_core import stream
-from replication.images.scoring import build_reference, load_reference
+from replication.images.reference import build_reference, load_reference
 from replication.images.tier import load_split
 from replication.notebook import print_wall_time, save_json, stage_configs
 

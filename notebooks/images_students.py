@@ -40,7 +40,13 @@ import seaborn as sns
 
 from replication.images.evaluate import loss_frame
 from replication.images.tier import build_banks, load_student, optim_summary, train_students
-from replication.notebook import print_wall_time, save_figure, save_json, setup_plotting, stage_configs
+from replication.notebook import (
+    print_wall_time,
+    save_figure,
+    save_json,
+    setup_plotting,
+    stage_configs,
+)
 
 images, cfg = stage_configs(params, ["images", "images_students"])
 setup_plotting()
@@ -54,20 +60,22 @@ for name, student in cfg.students.items():
 print(f"all students: {optim_summary(cfg)}")
 
 # %%
-for bank, seconds in build_banks(images, cfg, root, progress).items():
+banks = build_banks(images, cfg, root, progress)
+for bank, seconds in banks.items():
     print_wall_time(f"bank {bank}", seconds)
 p, w = cfg.reflow_pairs, cfg.window_bank
 print(f"reflow pairs: {p.n_pairs} ({p.steps} {p.solver} steps per pair); window bank: {w.n_entries} "
       f"entries ({w.teacher_steps} {w.solver} steps per window)")
 
 # %%
+costs = {f"bank {bank}": {"seconds": seconds} for bank, seconds in banks.items()}
 results = train_students(images, cfg, root, progress)
-costs = {}
 for (name, seed), (result, cost) in results.items():
-    costs[f"{name}/seed{seed}"] = cost.__dict__
+    costs[f"{name}/seed{seed}"] = {**cost.__dict__, "wall_seconds": result.wall_seconds}
     print_wall_time(f"{name} seed {seed}", result.wall_seconds,
                     f"{cost.steps_trained} steps trained, {cost.resumed_from} resumed; "
                     f"{cost.seconds_per_step or 0:.3f} s/step; peak RSS {cost.peak_rss_mib:.0f} MiB")
+save_json(costs, out / "costs.json")  # machine-dependent: git-ignored, not a DVC output
 
 # %% [markdown]
 # ## Training curves

@@ -35,7 +35,13 @@ from marflow_core import stream
 from marflow_core.unet import parameter_count
 from replication.images.evaluate import adaptive_teacher_samples, image_grid, loss_frame
 from replication.images.tier import load_split, load_teacher, optim_summary, run_cost, train_teacher
-from replication.notebook import print_wall_time, save_figure, save_json, setup_plotting, stage_configs
+from replication.notebook import (
+      print_wall_time,
+      save_figure,
+      save_json,
+      setup_plotting,
+      stage_configs,
+)
 
 images, cfg = stage_configs(params, ["images", "images_teacher"])
 setup_plotting()
@@ -51,6 +57,8 @@ cost = run_cost(result)
 print_wall_time("teacher training", result.wall_seconds,
                 f"{cost.steps_trained} steps trained, {cost.resumed_from} resumed; "
                 f"{cost.seconds_per_step or 0:.3f} s/step; peak RSS {cost.peak_rss_mib:.0f} MiB")
+save_json({"teacher": {**cost.__dict__, "wall_seconds": result.wall_seconds}},
+          out / "costs.json")  # machine-dependent: git-ignored, not a DVC output
 teacher, history = load_teacher(images, root)
 print(f"teacher: {parameter_count(teacher) / 1e6:.2f} M parameters, {optim_summary(cfg)}")
 

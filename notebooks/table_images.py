@@ -37,14 +37,20 @@ progress = True
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 import seaborn as sns
 
 from replication.images.evaluate import image_grid
-from replication.images.scoring import kl_rows, load_reference, sample_sets, score_rows
+from replication.images.reference import load_reference
+from replication.images.scoring import kl_rows, sample_sets, score_rows
 from replication.images.table import METRICS, aggregate, formatted, ma_deltas
 from replication.images.tier import load_split, load_teacher
-from replication.notebook import print_wall_time, save_figure, save_json, setup_plotting, stage_configs
+from replication.notebook import (
+    print_wall_time,
+    save_figure,
+    save_json,
+    setup_plotting,
+    stage_configs,
+)
 
 images, ref_cfg, students_cfg, cfg = stage_configs(
     params, ["images", "images_reference", "images_students", "table_images"])
@@ -68,7 +74,9 @@ rows, seconds = score_rows(sets, reference, cfg, progress)
 print_wall_time("scoring", seconds)
 kl, kl_seconds = kl_rows(sets, teacher, students_cfg, images, cfg, root, progress)
 print_wall_time("KL to teacher", kl_seconds)
-rows = rows.merge(kl, on=["method", "seed", "nfe"], how="left") if len(kl) else rows
+rows = rows.merge(kl, on=["method", "seed", "nfe"], how="outer", sort=False) if len(kl) else rows
+save_json({"sampling": sets.seconds, "scoring": seconds, "kl": kl_seconds},
+          out / "costs.json")  # machine-dependent: git-ignored, not a DVC output
 metrics = [m for m, _, _ in METRICS if m in rows]
 summary = aggregate(rows, metrics)
 

@@ -1,11 +1,10 @@
-"""The image tier's evaluation pipeline: the reference (domain classifier + cached features), sample
-sets from one shared noise draw, their metric rows, and KL(student || teacher) rows."""
+"""The image tier's evaluation pipeline: sample sets from one shared noise draw, their metric rows
+against the reference (``reference.py``), and KL(student || teacher) rows."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -14,109 +13,18 @@ from tqdm import tqdm
 
 from marflow_core import stream
 
-from marflow_core.atomic import atomic_torch_save, atomic_write_text
-
-from ..runs import prepare_run_dir, source_digest
-from .config import ImagesConfig, ReferenceStageConfig, StudentsStageConfig, TableConfig
-from .data import ImageSplit, to_uint8_rgb
+from .config import ImagesConfig, StudentsStageConfig, TableConfig
+from .data import ImageSplit
 from .evaluate import adaptive_teacher_samples, few_step_samples
-from .features import (
-    INCEPTION,
-    CachedFeatures,
-    DigitClassifier,
-    cache_features,
-    class_mass_error,
-    image_metrics,
-    per_class_mass,
-    train_classifier,
-)
-from .tier import REFERENCE_DIR, load_split, load_student
-
-#: the modules that decide what the reference stage stores
-REFERENCE_SOURCES: tuple[str, ...] = ("config.py", "data.py", "features.py", "scoring.py")
+from .reference import Reference
+from .tier import load_student
 
 
-def reference_images(split: ImageSplit, cfg: ReferenceStageConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference set: the first ``reference_samples`` held-out images (all when 0), labels."""
-    n = cfg.reference_samples or len(split.heldout)
-    return split.heldout[:n], split.heldout_labels[:n]
-
-
-def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
-                    progress: bool = True) -> float:
-    """Train the domain classifier and cache the reference set's Inception and classifier features
-    under ``root/reference`` (found, not recomputed, when params and code are unchanged)."""
-    tic = time.perf_counter()
-    run_dir = root / REFERENCE_DIR
-    prepare_run_dir(run_dir, {"images": asdict(images), "reference": asdict(cfg),
-                              "code": source_digest(Path(__file__).parent, REFERENCE_SOURCES)})
-    if (run_dir / "reference.json").exists():
-        return time.perf_counter() - tic
-    split = load_split(images)
-    if split.train_labels is None:
-        raise ValueError(f"images.dataset = {images.dataset!r} has no labels: the domain classifier "
-                         f"and the class-mass metric need a labelled dataset (digits or mnist)")
-    classifier, accuracy = train_classifier(split, cfg.classifier_steps, cfg.classifier_batch,
-                                            cfg.classifier_lr, cfg.seed, cfg.classifier_width)
-    x, labels = reference_images(split, cfg)
-    cache = run_dir / "fidelity_cache"
-    uint8 = to_uint8_rgb(x)
-    inception = cache_features(uint8, INCEPTION, cache)
-    domain = cache_features(uint8, classifier, cache)
-    freq = torch.bincount(labels, minlength=int(split.train_labels.max()) + 1).double() / len(labels)
-    atomic_torch_save({"classifier": classifier.state_dict(), "class_freq": freq}, run_dir / "classifier.pt")
-    atomic_write_text(json.dumps({"heldout_accuracy": accuracy, "n_reference": len(x),
-                                  "inception": asdict(inception), "domain": asdict(domain)},
-                                 indent=1, sort_keys=True), run_dir / "reference.json")
-    return time.perf_counter() - tic
-
-
-@dataclass
-class Reference:
-    """The held-out reference: cached features in both spaces, the classifier, class frequencies."""
-
-    classifier: DigitClassifier
-    heldout_accuracy: float
-    n_reference: int
-    inception: CachedFeatures
-    domain: CachedFeatures
-    class_freq: torch.Tensor
-
-    def domain_scores(self, x: torch.Tensor) -> dict[str, float]:
-        """Domain FD (torch-fidelity, classifier features) and class-mass TV of ``x`` in [-1, 1]."""
-        n = min(len(x), self.n_reference)
-        out = image_metrics(to_uint8_rgb(x), self.domain, self.classifier, kid_subset_size=min(n, 100),
-                            prc_neighborhood=min(3, n - 1))
-        mass = class_mass_error(per_class_mass(self.classifier, x), self.class_freq)
-        return {"domain_fd": float(out["fid"]), "class_mass_error": mass}
-
-    def inception_scores(self, x: torch.Tensor, cfg: TableConfig) -> dict[str, float]:
-        """FID, KID, precision, recall (torch-fidelity, TF-2015 Inception) of ``x`` in [-1, 1]."""
-        out = image_metrics(to_uint8_rgb(x), self.inception, INCEPTION, cfg.kid_subset_size,
-                            cfg.prc_neighborhood)
-        return {"fid": float(out["fid"]), "kid": float(out["kid_mean"]), "kid_std": float(out["kid_std"]),
-                "precision": float(out["precision"]), "recall": float(out["recall"])}
-
-
-def load_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path) -> Reference:
-    run_dir = root / REFERENCE_DIR
-    if not (run_dir / "reference.json").exists():
-        raise FileNotFoundError(f"no reference in {run_dir}: run the images_reference stage first (dvc repro)")
-    meta = json.loads((run_dir / "reference.json").read_text())
-    state = torch.load(run_dir / "classifier.pt", weights_only=True)
-    split_shape = (images.channels, images.size, images.size)
-    n_classes = len(state["class_freq"])
-    classifier = DigitClassifier(split_shape[0], split_shape[1], n_classes, cfg.classifier_width)
-    classifier.load_state_dict(state["classifier"])
-    return Reference(classifier.eval().requires_grad_(False), meta["heldout_accuracy"], meta["n_reference"],
-                     CachedFeatures(**meta["inception"]), CachedFeatures(**meta["domain"]),
-                     state["class_freq"])
-
-
-def score_rows(sets: "SampleSets", reference: Reference, cfg: TableConfig, progress: bool = True
+def score_rows(sets: SampleSets, reference: Reference, cfg: TableConfig, progress: bool = True
                ) -> tuple[pd.DataFrame, float]:
-    """One row per sample set: Inception metrics on the first ``inception_samples`` images, domain
-    metrics on the first ``domain_samples``. Extra rows: ``train real`` and ``noise``."""
+    """One row per sample set: Inception metrics on the first ``inception_samples`` images (students
+    at ``inception_nfe`` only), domain metrics on the first ``domain_samples``. Extra rows:
+    ``train real`` and ``noise``; rows without a student seed have ``seed = -1``."""
     tic = time.perf_counter()
     entries = [("teacher", -1, round(sets.teacher_nfe), sets.teacher)]
     entries += [(name, seed, nfe, x) for (name, seed, nfe), x in sets.students.items()]
@@ -124,7 +32,8 @@ def score_rows(sets: "SampleSets", reference: Reference, cfg: TableConfig, progr
     rows = []
     for method, seed, nfe, x in tqdm(entries, desc="scoring", disable=not progress):
         row = {"method": method, "seed": seed, "nfe": nfe}
-        row |= reference.inception_scores(x[: cfg.inception_samples], cfg)
+        if seed < 0 or nfe in cfg.inception_nfe:
+            row |= reference.inception_scores(x[: cfg.inception_samples], cfg)
         row |= reference.domain_scores(x[: cfg.domain_samples])
         rows.append(row)
     return pd.DataFrame(rows), time.perf_counter() - tic

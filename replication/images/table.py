@@ -61,14 +61,17 @@ def ma_deltas(rows: pd.DataFrame, treated: str, control: str, metrics: Sequence[
         for metric in metrics:
             if metric not in rows:
                 continue
-            pick = lambda m: rows[(rows.method == m) & (rows.nfe == nfe)].dropna(subset=[metric])  # noqa: E731
-            a = dict(zip(pick(treated).seed, pick(treated)[metric], strict=True))
-            b = dict(zip(pick(control).seed, pick(control)[metric], strict=True))
+            a, b = (_by_seed(rows, method, nfe, metric) for method in (treated, control))
             if set(a) & set(b):
                 iv = paired_delta(a, b)
                 out.append({"nfe": nfe, "metric": metric, "delta": iv.mean, "ci95": iv.half_width,
                             "seeds": iv.n, "verdict": verdict(iv, lower_is_better(metric))})
     return pd.DataFrame(out)
+
+
+def _by_seed(rows: pd.DataFrame, method: str, nfe: int, metric: str) -> dict[int, float]:
+    part = rows[(rows.method == method) & (rows.nfe == nfe)].dropna(subset=[metric])
+    return dict(zip(part.seed, part[metric], strict=True))
 
 
 def lower_is_better(metric: str) -> bool:

@@ -33,7 +33,13 @@ from marflow_core.unet import UNetVelocity
 
 from .. import runs
 from ..runs import prepare_run_dir
-from .config import ImagesConfig, OptimConfig, StudentConfig, StudentsStageConfig, TeacherStageConfig
+from .config import (
+    ImagesConfig,
+    OptimConfig,
+    StudentConfig,
+    StudentsStageConfig,
+    TeacherStageConfig,
+)
 from .data import ImageSplit, load_digits_split, load_image_folder_split, load_mnist_split
 
 #: the tier's modules that decide what training produces (evaluation code is not among them)

