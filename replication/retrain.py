@@ -4,6 +4,7 @@
 checkpoints when they were made with the same params and library code, so a finished run is not
 retrained. This command deletes the persisted outputs of every tier's training stages (listed by
 each tier's ``persistent_outputs``) and then runs ``dvc repro -f``, so every student is trained anew.
+``--tier NAME`` (repeatable) limits both to that tier's outputs and stages.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
     if args.dry_run:
         return 0
-    return subprocess.call(["dvc", "repro", "-f"], cwd=REPO_ROOT)
+    targets = [] if not args.tier else [s.name for name in args.tier for s in tiers()[name].stages]
+    return subprocess.call(["dvc", "repro", "-f", *targets], cwd=REPO_ROOT)
 
 
 if __name__ == "__main__":

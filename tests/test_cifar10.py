@@ -74,7 +74,7 @@ def test_loader_names_the_missing_file_and_where_it_goes(tmp_path):
 def test_references_have_sources_and_match_the_design_numbers():
     refs = load_cifar10_references()
     fids = {e["method"]: e["fid"] for e in refs["entries"]}
-    assert fids["1-Rectified Flow"] == 2.58 and fids["2-Rectified Flow + distillation"] == 4.85
+    assert fids["1-Rectified Flow"] == 2.58 and fids["2-Rectified Flow (distilled)"] == 4.85
     assert all(e["source"] and e["protocol_spec"]["samples"] == 50000 for e in refs["entries"])
     assert fids["reflow / PeRFlow + MA (paper)"] == "unknown"
 

@@ -126,3 +126,22 @@ def test_dvc_stages_match_the_registry():
         metrics = [next(iter(m)) for m in stage.get("metrics", [])]
         assert f"{spec.out_dir}/{Path(spec.notebook).stem}.ipynb" in outs
         assert all(m.startswith(spec.out_dir + "/") for m in metrics)
+
+
+def test_larger_profiles_are_valid(tmp_path):
+    """``cpu-full`` validates here; ``gpu`` validates once its ``cuda`` devices exist, and without
+    CUDA it is refused naming the device key (checked with the devices set to cpu and as written)."""
+    import torch
+
+    from replication.config import deep_merge
+
+    base = load_params(ROOT / "params.yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    assert apply_profile("cpu-full", path, ROOT / "replication" / "profiles")["images"]["dataset"] == "mnist"
+    gpu = deep_merge(base, load_params(ROOT / "replication" / "profiles" / "gpu.yaml"))
+    on_cpu = {k: ({**v, "device": "cpu"} if isinstance(v, dict) and "device" in v else v) for k, v in gpu.items()}
+    registry.validate_all(on_cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"\.device = 'cuda'"):
+            registry.validate_all(gpu)

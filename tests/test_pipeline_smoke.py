@@ -1,13 +1,16 @@
-"""Smoke run of the whole DVC pipeline on the tiny profile, in a temporary git copy of the repository.
+"""Smoke runs of the DVC pipeline on the tiny profile, one tier per test, in a temporary git copy of
+the repository.
 
-The first `dvc repro` is SIGKILLed (with its whole process group) once a training checkpoint
+The 2-D tier: the first `dvc repro` is SIGKILLed (with its whole process group) once a training checkpoint
 exists, and run again: it resumes. Then: every stage ran with no error cells and wrote every
 declared output; what the notebooks claim holds wherever it must hold on any profile (recomputed
 here from the numbers in their metrics, not read from a flag the code under test sets); a second
 `dvc repro` has nothing to do; `dvc repro -f` re-executes everything and leaves the committed tree
 byte-identical (`git status` clean); and `python -m replication.retrain` (delete the checkpoints,
 train from scratch) leaves it byte-identical too, checkpoint hashes in dvc.lock included: the killed
-and resumed training equals an uninterrupted one.
+and resumed training equals an uninterrupted one. The image tier: killed and resumed, its outputs and
+the table's claims, a no-op rerun and a forced re-evaluation of the table that changes no byte (its
+training's kill-and-resume identity is `test_reliability.py`'s).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+
+from replication.registry import tiers
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=marflow-test", "-c", "user.email=test@invalid", "-c",
@@ -46,13 +51,13 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
     return proc
 
 
-def _kill_during_training(repo: Path) -> None:
-    """Start `dvc repro`, SIGKILL its process group once a student checkpoint exists."""
+def _kill_during_training(repo: Path, stages: list[str]) -> None:
+    """Start `dvc repro` of ``stages``, SIGKILL its process group once a checkpoint exists."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["dvc", "repro", *stages], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not list(repo.glob("checkpoints/*/*/last.pt")) and time.monotonic() < deadline:
+    while not list(repo.glob("checkpoints/**/last.pt")) and time.monotonic() < deadline:
         assert proc.poll() is None, "dvc repro ended before any checkpoint was written"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -66,9 +71,9 @@ def _metrics(repo: Path, rel: str) -> dict:
     return json.loads((repo / rel).read_text())
 
 
-def _check_outputs(repo: Path) -> None:
+def _check_outputs(repo: Path, names: list[str]) -> None:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
+    for name, stage in ((n, stages[n]) for n in names):
         for out in stage["outs"]:
             path = repo / (out if isinstance(out, str) else next(iter(out)))
             assert path.exists(), f"{name}: missing output {path}"
@@ -128,8 +133,7 @@ def _check_claims(repo: Path, params: dict) -> None:
         assert abs(pair["tm_difference"]) <= pair["within_se"] * pair["tm_difference_paired_se"]
 
 
-@pytest.mark.slow
-def test_tiny_profile_pipeline_end_to_end(tmp_path):
+def _tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
     if shutil.which("git") is None or shutil.which("dvc") is None:
         pytest.fail("git and dvc must be installed (see README)")
     repo = tmp_path / "repo"
@@ -138,26 +142,95 @@ def test_tiny_profile_pipeline_end_to_end(tmp_path):
         shutil.copy2(ROOT / rel, repo / rel)
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "replication.profile", "tiny"], repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    return repo, yaml.safe_load((repo / "params.yaml").read_text())
 
-    _kill_during_training(repo)
-    _run(["dvc", "repro"], repo)
+
+def _tier_stages(tier: str) -> list[str]:
+    return [s.name for s in tiers()[tier].stages]
+
+
+@pytest.mark.slow
+def test_tiny_profile_pipeline_end_to_end(tmp_path):
+    """The 2-D tier's stages: killed and resumed, claims, no-op rerun, `repro -f` and retrain clean."""
+    repo, params = _tiny_repo(tmp_path)
+    stages = _tier_stages("toy2d")
+
+    _kill_during_training(repo, stages)
+    _run(["dvc", "repro", *stages], repo)
     assert not list(repo.glob("results/**/.*.tmp-*")) and not list(repo.glob("checkpoints/**/.*.tmp"))
-    _check_outputs(repo)
+    _check_outputs(repo, stages)
     _check_claims(repo, params)
 
-    again = _run(["dvc", "repro"], repo)
+    again = _run(["dvc", "repro", *stages], repo)
     assert "Running stage" not in again.stdout, again.stdout
 
     _run([*GIT, "add", "-A"], repo)
     _run([*GIT, "commit", "-qm", "first run"], repo)
-    forced = _run(["dvc", "repro", "-f"], repo)
-    assert forced.stdout.count("Running stage") == len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    forced = _run(["dvc", "repro", "-f", *stages], repo)
+    assert forced.stdout.count("Running stage") == len(stages)
     dirty = _run(["git", "status", "--porcelain"], repo).stdout
     assert dirty == "", f"dvc repro -f changed the committed tree:\n{dirty}"
-    status = _run(["dvc", "status"], repo)
+    status = _run(["dvc", "status", *stages], repo)
     assert "up to date" in status.stdout, status.stdout
 
-    _run([sys.executable, "-m", "replication.retrain"], repo)
+    _run([sys.executable, "-m", "replication.retrain", "--tier", "toy2d"], repo)
     dirty = _run(["git", "status", "--porcelain"], repo).stdout
     assert dirty == "", f"retraining from scratch changed the committed tree:\n{dirty}"
+
+
+def _check_image_claims(repo: Path, params: dict) -> None:
+    """What the image tier's table states that must hold on any profile, from its numbers."""
+    table = _metrics(repo, "results/images/table/metrics.json")
+    cfg, students = params["table_images"], params["images_students"]["students"]
+    rows = table["rows"]
+    runs = {(r["method"], r["seed"], r["nfe"]) for r in rows}
+    expected = {(name, seed, nfe) for name, s in students.items() for seed in s["seeds"] for nfe in cfg["nfe"]}
+    assert expected <= runs, expected - runs
+    by = {(r["method"], r["seed"], r["nfe"]): r for r in rows}
+    real = next(r for r in rows if r["method"] == "train real")
+    noise = next(r for r in rows if r["method"] == "noise")
+    assert noise["domain_fd"] > real["domain_fd"] and noise["fid"] > real["fid"]
+    for r in rows:
+        assert 0.0 <= r["class_mass_error"] <= 1.0 or r["method"] == "teacher (CNF)"
+        for key in ("precision", "recall"):
+            assert r.get(key) is None or 0.0 <= r[key] <= 1.0
+        has_inception = r["seed"] < 0 or r["nfe"] in cfg["inception_nfe"]
+        if r["method"] != "teacher (CNF)":
+            assert (r.get("fid") is not None) == has_inception, r
+    kl = cfg["kl"]
+    for name in kl["students"]:
+        for seed in students[name]["seeds"]:
+            for nfe in kl["nfe"]:
+                r = by[(name, seed, nfe)]
+                assert math.isfinite(r["kl"]) and r["kl_stderr"] > 0, r
+    sanity = next(r for r in rows if r["method"] == "teacher (CNF)")
+    assert math.isfinite(sanity["kl"]) and sanity["kl_stderr"] > 0
+    assert table["counts"] == {"inception_samples": cfg["inception_samples"],
+                               "domain_samples": cfg["domain_samples"],
+                               "reference_images": params["images_reference"]["reference_samples"],
+                               "kl_samples": kl["n_samples"]}
+    common = set(students["perflow"]["seeds"]) & set(students["perflow_ma"]["seeds"])
+    for d in table["perflow_ma_minus_perflow"]:
+        assert d["seeds"] == len(common) and d["nfe"] in cfg["nfe"]
+
+
+@pytest.mark.slow
+def test_tiny_profile_image_tier_end_to_end(tmp_path):
+    """The image tier's stages: killed during training and resumed, every output, the table's claims,
+    a no-op rerun, and a forced re-evaluation that leaves the committed tree byte-identical."""
+    repo, params = _tiny_repo(tmp_path)
+    stages = _tier_stages("images")
+
+    _kill_during_training(repo, stages)
+    _run(["dvc", "repro", *stages], repo)
+    _check_outputs(repo, stages)
+    _check_image_claims(repo, params)
+    again = _run(["dvc", "repro", *stages], repo)
+    assert "Running stage" not in again.stdout, again.stdout
+
+    _run([*GIT, "add", "-A"], repo)
+    _run([*GIT, "commit", "-qm", "first run"], repo)
+    forced = _run(["dvc", "repro", "-f", "-s", "table_images"], repo)
+    assert forced.stdout.count("Running stage") == 1
+    dirty = _run(["git", "status", "--porcelain"], repo).stdout
+    assert dirty == "", f"re-running the table changed the committed tree:\n{dirty}"

@@ -136,3 +136,20 @@ def test_command_line_fails_in_seconds(tmp_path, inputs):
     assert time.perf_counter() - tic < 15
     assert proc.returncode == 2 and "vae/config.json" in proc.stderr
     assert not inputs["out"].exists()
+
+
+def test_the_gpu_pipeline_params_load_and_train_both_students():
+    """Every section the GPU DVC project runs validates; PeRFlow and PeRFlow+MA are both trained and
+    both evaluated, so the comparison needs no edit."""
+    import yaml
+
+    from replication.sd15.config import SD15EvalConfig, SD15TrainConfig, load_config
+
+    path = "replication/gpu/params.yaml"
+    methods = {load_config(SD15TrainConfig, path, s).method for s in ("sd15_train", "sd15_train_perflow")}
+    assert methods == {"perflow", "perflow_ma"}
+    evaluated = load_config(SD15EvalConfig, path, "sd15_eval").models
+    outputs = {load_config(SD15TrainConfig, path, s).output_dir for s in ("sd15_train", "sd15_train_perflow")}
+    assert {f"{o}/pipeline" for o in outputs} <= {m.path for m in evaluated.values()}
+    stages = yaml.safe_load(open("replication/gpu/dvc.yaml"))["stages"]
+    assert {"sd15_train", "sd15_train_perflow", "sd15_eval", "cifar10_teacher", "cifar10_fid"} <= set(stages)

@@ -2,7 +2,7 @@
 
 The paper-scale values (``gpu.yaml`` next to this file) follow the rectified-flow CIFAR-10 protocol
 where it is known: 50,000-sample FID against the training set at 1, 2 and 4 NFE, compared with the
-numbers in ``replication/references/cifar10.yaml``. The teacher is a diffusers ``UNet2DModel``
+numbers in ``replication/references/peers.yaml``. The teacher is a diffusers ``UNet2DModel``
 (DDPM's CIFAR-10 layout, ~36M parameters), not the NCSN++ of Liu et al., so its numbers are
 comparable in protocol, not in architecture.
 """

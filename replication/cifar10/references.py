@@ -1,20 +1,17 @@
-"""The tier's reference numbers (``replication/references/cifar10.yaml``), protocols resolved."""
+"""The CIFAR-10 tier's reference numbers: the ``cifar10_50k`` entries of ``peers.yaml`` and the
+replicated paper's row (``unknown``)."""
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
-import yaml
+from ..references import _load, load_peer_entries, paper_rows
+
+PROTOCOL = "cifar10_50k"
 
 
 def load_cifar10_references() -> dict[str, Any]:
-    """``{"protocols": ..., "entries": [...]}``; raises if an entry lacks a source or a known protocol."""
-    data = yaml.safe_load(resources.files("replication.references").joinpath("cifar10.yaml").read_text())
-    for i, entry in enumerate(data["entries"]):
-        if not entry.get("source"):
-            raise ValueError(f"cifar10.yaml entries[{i}] ({entry.get('method')}): no source")
-        if entry.get("protocol") not in data["protocols"]:
-            raise ValueError(f"cifar10.yaml entries[{i}]: unknown protocol {entry.get('protocol')!r}")
-        entry["protocol_spec"] = data["protocols"][entry["protocol"]]
-    return data
+    """``{"protocols": {PROTOCOL: ...}, "entries": [...]}``, sources and protocols checked on load."""
+    entries = [e for e in load_peer_entries() if e["protocol"] == PROTOCOL]
+    entries += paper_rows(PROTOCOL, "reflow / PeRFlow + MA (paper)", ("fid",))
+    return {"protocols": {PROTOCOL: _load("peers.yaml")["protocols"][PROTOCOL]}, "entries": entries}

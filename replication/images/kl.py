@@ -1,7 +1,7 @@
 """``KL(student || teacher)`` for image-sized flows: the student's exact few-step log-density against
 the teacher's continuous-normalizing-flow (CNF) log-density.
 
-Conventions (METHOD.md section 1): ``t = 0`` is noise ``N(0, I)``, ``t = 1`` is data; ``x: (B, ...)``
+Conventions (docs/method.md, section 1): ``t = 0`` is noise ``N(0, I)``, ``t = 1`` is data; ``x: (B, ...)``
 with ``D = prod(x.shape[1:])`` (``(B, D)`` flat vectors, or images with a ``FlatField`` around the net).
 
 Student (exact, as on the 2-D tier). The few-step Euler sampler ``x_{n+1} = x_n + h_n v(x_n, t_n)`` on

@@ -32,3 +32,11 @@ def load_peer_entries() -> list[dict[str, Any]]:
             raise ValueError(f"peers.yaml entries[{i}]: unknown protocol {entry.get('protocol')!r}")
         entries.append({**entry, "protocol_spec": protocols[entry["protocol"]]})
     return entries
+
+
+def paper_rows(protocol: str, method: str, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The replicated paper's row for a table of ``protocol``: every metric ``unknown`` (its full text
+    is unavailable; never invented), in the shape of a peer entry."""
+    spec = _load("peers.yaml")["protocols"][protocol]
+    return [{"method": method, **dict.fromkeys(metrics, "unknown"), "protocol": protocol,
+             "protocol_spec": spec, "source": "arXiv 2606.29287 (full text unavailable; paper.yaml)"}]

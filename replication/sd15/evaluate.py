@@ -7,7 +7,7 @@ The YAML maps onto ``SD15EvalConfig``. For each model and step count: images fro
 the first ``n_prompts`` val images, seed ``seed + i`` for image ``i``, at ``resolution`` px; FID
 against the centre-cropped val images and the CLIP score (cosine similarity). Writes
 ``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside
-``replication/references/coco2017.yaml``); the generated images stay under ``output_dir/images/``.
+``replication/references/peers.yaml``); the generated images stay under ``output_dir/images/``.
 Inputs are checked first: a missing folder or file is one line on stderr, exit status 2, nothing written.
 """
 

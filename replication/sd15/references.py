@@ -1,4 +1,4 @@
-"""COCO reference numbers (``replication/references/coco2017.yaml``) and the comparison table.
+"""COCO reference numbers (``replication/references/peers.yaml``) and the comparison table.
 
 ``comparison_table(metrics)`` puts our rows (model, steps, FID, CLIP) beside the published rows of the
 same protocol; rows of another protocol are left out, never mixed in.
@@ -6,26 +6,15 @@ same protocol; rows of another protocol are left out, never mixed in.
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
-import yaml
-
-REFERENCE_FILE = "coco2017.yaml"
-
+from ..references import load_peer_entries, paper_rows
 
 def load_coco_references() -> list[dict[str, Any]]:
-    """Entries of ``coco2017.yaml`` with ``protocol_spec`` resolved; a missing source or protocol raises."""
-    data = yaml.safe_load(resources.files("replication.references").joinpath(REFERENCE_FILE).read_text())
-    protocols = data["protocols"]
-    entries = []
-    for i, entry in enumerate(data["entries"]):
-        if not entry.get("source"):
-            raise ValueError(f"{REFERENCE_FILE} entries[{i}] ({entry.get('method')}): no source")
-        if entry.get("protocol") not in protocols:
-            raise ValueError(f"{REFERENCE_FILE} entries[{i}]: unknown protocol {entry.get('protocol')!r}")
-        entries.append({**entry, "protocol_spec": protocols[entry["protocol"]]})
-    return entries
+    """The COCO entries of ``peers.yaml`` (source and protocol checked on load) and the replicated
+    paper's row, whose numbers are ``unknown``."""
+    peers = [e for e in load_peer_entries() if e["protocol"].startswith("coco")]
+    return peers + paper_rows("coco2017_5k_512", "PeRFlow + MA (paper)", ("fid", "clip"))
 
 
 def _fmt(value: Any, digits: int) -> str:
