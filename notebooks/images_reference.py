@@ -53,6 +53,7 @@ print_wall_time("classifier and reference features", seconds)
 reference = load_reference(images, cfg, root)
 print(f"reference set: {reference.n_reference} held-out images; domain classifier held-out accuracy "
       f"{reference.heldout_accuracy:.3f} ({cfg.classifier_steps} steps)")
+print(f"the reference against itself (torch-fidelity, from the cached features): {reference.self_scores}")
 
 # %% [markdown]
 # ## Sanity of the domain FD
@@ -68,4 +69,5 @@ display(pd.DataFrame(sanity).T)  # noqa: F821 (notebook builtin)
 
 # %%
 save_json({"heldout_accuracy": reference.heldout_accuracy, "reference_images": n,
+           "reference_vs_itself": reference.self_scores,
            "classifier_steps": cfg.classifier_steps, "domain_sanity": sanity}, out / "metrics.json")

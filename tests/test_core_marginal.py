@@ -463,7 +463,7 @@ def test_window_weights_too_short_raises():
 def test_batch_fraction_uses_the_first_rows_only():
     """``batch_fraction = 0.5`` on 20 rows whose last 10 are NaN: finite, and equal to the closed-form
     per-sample surrogate of the discrete Euler map averaged over the first 10 rows (over ``d``)."""
-    a, b, dim, n = 0.3, 0.2, 2, 20
+    a, b, dim = 0.3, 0.2, 2
     x = torch.cat([whitened(10, dim, seed=4) + 0.5, torch.full((10, dim), float("nan"), dtype=F64)])
     wb = window_batch(x, 0.0, 0.5)
     m, s = torch.tensor([0.2, -0.1], dtype=F64), 1.3

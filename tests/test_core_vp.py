@@ -232,5 +232,7 @@ def test_configs_validate():
     with pytest.raises(InvalidParameter, match="beta_start"):
         VPSchedule(beta_start=0.02, beta_end=0.01)
     cfg = EpsWindowConfig()
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.num_windows = 2  # frozen

@@ -227,6 +227,8 @@ def test_tiny_profile_image_tier_end_to_end(tmp_path):
     _check_image_claims(repo, params)
     again = _run(["dvc", "repro", *stages], repo)
     assert "Running stage" not in again.stdout, again.stdout
+    status = _run(["dvc", "status", *stages], repo)  # evaluation never writes into its inputs
+    assert "up to date" in status.stdout, status.stdout
 
     _run([*GIT, "add", "-A"], repo)
     _run([*GIT, "commit", "-qm", "first run"], repo)

@@ -9,8 +9,13 @@ import torch
 
 from marflow_core import vp
 from replication.sd15.config import PeRFlowSD15Config, SD15MAConfig
-from replication.sd15.objective import (PeRFlowSD15Objective, StudentVelocity, TextConditioning,
-                                        conditioning, draw_sample_noise)
+from replication.sd15.objective import (
+    PeRFlowSD15Objective,
+    StudentVelocity,
+    TextConditioning,
+    conditioning,
+    draw_sample_noise,
+)
 
 ALPHAS = vp.sd15_alphas_cumprod()
 

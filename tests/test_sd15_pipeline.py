@@ -90,8 +90,9 @@ def test_training_writes_pipeline_delta_weights_checkpoints_and_log(trained, tin
 
 
 def test_saved_pipeline_samples_in_four_steps(trained):
-    import marflow_core.scheduler  # noqa: F401  (registers the scheduler class for diffusers)
     from diffusers import StableDiffusionPipeline
+
+    import marflow_core.scheduler  # noqa: F401  (registers the scheduler class for diffusers)
 
     pipe = StableDiffusionPipeline.from_pretrained(trained / "run" / "pipeline", safety_checker=None)
     assert type(pipe.scheduler).__name__ == "PeRFlowScheduler"

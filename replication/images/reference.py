@@ -59,9 +59,16 @@ def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
     uint8 = to_uint8_rgb(x)
     inception = cache_features(uint8, INCEPTION, cache)
     domain = cache_features(uint8, classifier, cache)
+    # torch-fidelity caches a set's FID statistics on first use: compute them here (the set against
+    # itself, from the cached features), so that the evaluation stage never writes into this folder
+    self_scores = {}
+    for name, cached, extractor in (("inception", inception, INCEPTION), ("domain", domain, classifier)):
+        out = image_metrics(cached, cached, extractor, kid_subset_size=min(len(x), 100),
+                            prc_neighborhood=min(3, len(x) - 1))
+        self_scores[name] = {"fid": float(out["fid"])}
     freq = torch.bincount(labels, minlength=int(split.train_labels.max()) + 1).double() / len(labels)
     atomic_torch_save({"classifier": classifier.state_dict(), "class_freq": freq}, run_dir / "classifier.pt")
-    atomic_write_text(json.dumps({"heldout_accuracy": accuracy, "n_reference": len(x),
+    atomic_write_text(json.dumps({"heldout_accuracy": accuracy, "n_reference": len(x), "self": self_scores,
                                   "inception": asdict(inception), "domain": asdict(domain)},
                                  indent=1, sort_keys=True), run_dir / "reference.json")
     return time.perf_counter() - tic
@@ -77,6 +84,7 @@ class Reference:
     inception: CachedFeatures
     domain: CachedFeatures
     class_freq: torch.Tensor
+    self_scores: dict  # FID of the reference set against itself, per feature space (~0)
 
     def domain_scores(self, x: torch.Tensor) -> dict[str, float]:
         """Domain FD (torch-fidelity, classifier features) and class-mass TV of ``x`` in [-1, 1]."""
@@ -106,6 +114,6 @@ def load_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path) 
     classifier.load_state_dict(state["classifier"])
     return Reference(classifier.eval().requires_grad_(False), meta["heldout_accuracy"], meta["n_reference"],
                      CachedFeatures(**meta["inception"]), CachedFeatures(**meta["domain"]),
-                     state["class_freq"])
+                     state["class_freq"], meta["self"])
 
 

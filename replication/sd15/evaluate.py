@@ -56,9 +56,14 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
 
 def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """The pipeline of ``spec.path`` with the requested scheduler (and delta weights) on ``device``."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+    )
+
     import marflow_core.scheduler as perflow_sched  # noqa: F401  (lets diffusers load our students' scheduler)
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline)
 
     pipe = StableDiffusionPipeline.from_pretrained(spec.path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
@@ -98,7 +103,7 @@ def generate(pipe, prompts: list, steps: int, guidance: float, cfg: SD15EvalConf
         gens = [torch.Generator(gen_device).manual_seed(cfg.seed + lo + j) for j in range(len(batch))]
         images = pipe([p.caption for p in batch], num_inference_steps=steps, guidance_scale=guidance,
                       height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pil").images
-        for p, img in zip(batch, images):
+        for p, img in zip(batch, images, strict=True):
             img.save(tmp / f"{p.image_id:012d}.png")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..references import load_peer_entries, paper_rows
 
+
 def load_coco_references() -> list[dict[str, Any]]:
     """The COCO entries of ``peers.yaml`` (source and protocol checked on load) and the replicated
     paper's row, whose numbers are ``unknown``."""

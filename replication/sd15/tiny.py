@@ -30,7 +30,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 @lru_cache(maxsize=1)
@@ -65,8 +65,12 @@ def write_clip_tokenizer(out: Path) -> None:
 
 def build_tiny_sd(out: str | Path, seed: int = 0, text_dim: int = 32) -> Path:
     """Write a random-weight SD-style pipeline folder to ``out``; returns ``out``."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out)

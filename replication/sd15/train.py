@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
