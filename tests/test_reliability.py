@@ -88,6 +88,7 @@ DRIVER = textwrap.dedent("""
     ROOT = Path(sys.argv[1])
     {build}
     work = Path(sys.argv[2])
+    model, objective, batch_fn, config, meta = build(work)  # banks are written before the count starts
     kill_at_save = int(os.environ.get("KILL_AT_SAVE", "0"))
     if kill_at_save:  # die half-way through the N-th checkpoint write
         real_save, calls = torch.save, [0]
@@ -99,7 +100,6 @@ DRIVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             real_save(obj, fh, *args, **kwargs)
         atomic.torch.save = dying_save
-    model, objective, batch_fn, config, meta = build(work)
     train(model, objective, batch_fn, config, work / "run", progress=False, meta=meta)
     print("finished")
 """)
