@@ -296,3 +296,24 @@ def load_config(cls: type[T], path: str | Path, section: str | None = None) -> T
             raise ConfigError(f"{path}: no section {section!r}; top-level keys: {sorted(data)}")
         data = data[section]
     return from_dict(cls, data, where)
+
+
+def run_cli(prog: str, description: str, cls: type[T], check, run, argv: list[str] | None = None) -> int:
+    """The SD 1.5 entry points' command line: ``--config`` (YAML mapping onto ``cls``) and
+    ``--section``; a bad config or missing input is one line on stderr, exit status 2, and ``run``
+    is never called."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"YAML file mapping onto {cls.__name__}")
+    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.section)
+        check(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0

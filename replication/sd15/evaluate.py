@@ -13,7 +13,6 @@ Inputs are checked first: a missing folder or file is one line on stderr, exit s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from PIL import Image
 from marflow_core.atomic import atomic_write_text
 
 from ..config import ConfigError
-from .config import ModelSpec, SD15EvalConfig, load_config
+from .config import ModelSpec, SD15EvalConfig, run_cli
 from .inputs import check_coco_dir, check_pipeline_dir
 
 ClipFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
@@ -164,18 +163,8 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replication.sd15.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file mapping onto SD15EvalConfig")
-    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(SD15EvalConfig, args.config, args.section)
-        check_inputs(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    evaluate(cfg)
-    return 0
+    return run_cli("python -m replication.sd15.evaluate", __doc__.split("\n")[0], SD15EvalConfig, check_inputs, evaluate,
+                   argv)
 
 
 if __name__ == "__main__":

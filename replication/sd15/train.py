@@ -13,7 +13,6 @@ PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` and ``con
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from marflow_core.atomic import atomic_torch_save, atomic_write_text
 from marflow_core.errors import NonFiniteLossError
 
 from ..config import ConfigError
-from .config import SD15TrainConfig, load_config
+from .config import SD15TrainConfig, run_cli
 from .inputs import check_pipeline_dir, read_caption_folder
 
 #: config keys that may change when a run resumes (they do not change what is computed)
@@ -253,18 +252,8 @@ def _dump_step(accelerator, student, loss: torch.Tensor, parts: dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replication.sd15.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file mapping onto SD15TrainConfig")
-    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(SD15TrainConfig, args.config, args.section)
-        check_inputs(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    return run_cli("python -m replication.sd15.train", __doc__.split("\n")[0], SD15TrainConfig, check_inputs, train,
+                   argv)
 
 
 if __name__ == "__main__":
