@@ -21,7 +21,13 @@ from .seeding import derive_seed, stream
 from .solvers import odeint_adaptive, odeint_fixed, uniform_grid
 from .teachers import GaussianMixtureTeacher, Teacher, VelocityTeacher, score_from_velocity
 from .training import TrainConfig, TrainResult, load_checkpoint, train
-from .trajectory import WindowBatch, sample_few_step, trajectory_matching_loss
+from .trajectory import (
+    TrajectoryDistance,
+    WindowBatch,
+    sample_few_step,
+    squared_distance,
+    trajectory_matching_loss,
+)
 from .window_bank import (
     WindowBankConfig,
     WindowBankSampler,
@@ -51,6 +57,7 @@ __all__ = [
     "TimeWindows",
     "TrainConfig",
     "TrainResult",
+    "TrajectoryDistance",
     "VelocityField",
     "VelocityTeacher",
     "WindowBankConfig",
@@ -78,6 +85,7 @@ __all__ = [
     "sample_probes",
     "score_from_velocity",
     "segment_point",
+    "squared_distance",
     "segment_velocity",
     "stream",
     "train",

@@ -15,7 +15,12 @@ from .errors import NonFiniteLossError
 from .marginal import MAConfig, ma_surrogate
 from .models import VelocityField, expand_time
 from .teachers import Teacher
-from .trajectory import WindowBatchSampler, trajectory_matching_loss
+from .trajectory import (
+    TrajectoryDistance,
+    WindowBatchSampler,
+    squared_distance,
+    trajectory_matching_loss,
+)
 
 
 @dataclass
@@ -34,11 +39,15 @@ class Objective(Protocol):
 
 @dataclass
 class DistillationObjective:
-    """``L = L_TM + lambda L_MA`` on one window batch (MA skipped when ``ma`` is None or off-step)."""
+    """``L = L_TM + lambda L_MA`` on one window batch (MA skipped when ``ma`` is None or off-step).
+
+    ``distance`` is the trajectory distance of ``L_TM`` (default: squared error); the end-point
+    checks and the MA term are the same for every distance."""
 
     sampler: WindowBatchSampler
     teacher: Teacher | None = None
     ma: MAConfig | None = None
+    distance: TrajectoryDistance = squared_distance
 
     def __post_init__(self) -> None:
         if self.ma is not None and self.teacher is None:
@@ -50,7 +59,7 @@ class DistillationObjective:
             if not bool(torch.isfinite(getattr(wb, name)).all()):
                 raise NonFiniteLossError(f"the teacher (or the pair bank) gave non-finite {name} "
                                          f"in {int((~torch.isfinite(getattr(wb, name))).sum())} entries")
-        tm = trajectory_matching_loss(model, wb)
+        tm = trajectory_matching_loss(model, wb, distance=self.distance)
         parts = {"tm": float(tm.detach())}
         total = tm
         if self.ma is not None and self.ma.weight > 0 and step % self.ma.every == 0:

@@ -1,7 +1,8 @@
 """Classic reflow (``K = 1``): teacher-ODE pairs ``(x0, x1 = Phi^T(x0))``, sharded by seed.
 
-Pairs are generated once, one shard per seed, each written atomically, so an interrupted
-generation resumes by skipping finished shards and a larger bank reuses the smaller one's shards.
+Pairs are generated once, one shard per seed, each written atomically (``banks.py``), so an
+interrupted generation resumes by skipping finished shards and a larger bank reuses the smaller
+one's shards.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .atomic import atomic_torch_save
+from . import banks
 from .errors import InvalidParameter
 from .models import VelocityField
-from .seeding import derive_seed
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 
 SHARD_PATTERN = "pairs_seed{seed:019d}.pt"
+SHARD_STREAM = "reflow-shard"
 
 
 @dataclass
@@ -41,7 +41,7 @@ class ReflowPairConfig:
 
 def shard_seed(base_seed: int, shard: int) -> int:
     """The seed of shard ``shard``: the ``reflow-shard`` stream of ``base_seed``."""
-    return derive_seed(base_seed, "reflow-shard", shard)
+    return banks.shard_seed(base_seed, SHARD_STREAM, shard)
 
 
 @torch.no_grad()
@@ -78,42 +78,29 @@ def generate_reflow_pairs(
     device: torch.device | str = "cpu",
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    batch_size: int = 4096,
 ) -> list[Path]:
     """Write ``ceil(n_pairs / shard_size)`` shards of teacher pairs to ``out_dir``; skip existing ones.
 
     An existing shard is kept only if its size, ``steps`` and ``method`` match (a bank grown from
     10 to 12 pairs regenerates its partial last shard); the teacher itself is not checked.
+    ``batch_size`` rows go through each teacher solve.
     """
     ReflowPairConfig(n_pairs, shard_size, steps, method)  # the one copy of the checks
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-n_pairs // shard_size)
-    paths = []
-    for shard in tqdm(range(n_shards), desc="reflow pairs", disable=not progress):
-        seed = shard_seed(base_seed, shard)
-        path = out / SHARD_PATTERN.format(seed=seed)
-        size = min(shard_size, n_pairs - shard * shard_size)
-        if not _shard_matches(path, size, steps, method):
-            x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, dtype=dtype,
-                                   device=device)
-            atomic_torch_save({"x0": x0.cpu(), "x1": x1.cpu(), "seed": seed, "steps": steps,
-                               "method": method}, path)
-        paths.append(path)
-    return paths
 
+    def make_shard(seed: int, size: int) -> dict[str, torch.Tensor]:
+        x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, batch_size, dtype, device)
+        return {"x0": x0, "x1": x1}
 
-def _shard_matches(path: Path, size: int, steps: int, method: str) -> bool:
-    """An existing shard is reused only if it has ``size`` pairs made with the same solver settings."""
-    if not path.exists():
-        return False
-    shard = torch.load(path, weights_only=True, mmap=True)
-    return len(shard["x0"]) == size and shard.get("steps") == steps and shard.get("method") == method
+    return banks.generate_shards(out_dir, SHARD_PATTERN, n_pairs, shard_size, base_seed, SHARD_STREAM,
+                                 {"steps": steps, "method": method}, make_shard, progress,
+                                 desc="reflow pairs")
 
 
 def load_pairs(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate shards into ``(x0, x1)``."""
-    shards = [torch.load(p, weights_only=True) for p in paths]
-    return torch.cat([s["x0"] for s in shards]), torch.cat([s["x1"] for s in shards])
+    pairs = banks.load_shards(paths, ("x0", "x1"))
+    return pairs["x0"], pairs["x1"]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,33 +27,63 @@ __all__ = ["CheckpointError", "NonFiniteLossError", "TrainConfig", "TrainResult"
            "step_generator", "train"]
 
 
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+
+
 @dataclass
 class TrainConfig:
-    """``steps`` optimizer steps of Adam(``lr``); checkpoints every ``checkpoint_every`` steps.
+    """The one optimizer config of the code base: every tier's training section extends it.
 
-    ``snapshot_every`` > 0 also keeps ``step_XXXXXXX.pt`` files (for checkpoint selection);
-    ``warmup`` steps of linear learning-rate warm-up; ``grad_clip`` <= 0 disables clipping;
-    a loss term larger than ``loss_limit`` in magnitude counts as diverged (an exploding divergence
-    estimate, say) and stops training like a NaN.
+    ``steps`` optimizer steps of ``optimizer`` (``adam`` or ``adamw``, with ``betas``, ``eps`` and
+    ``weight_decay``; Adam's weight decay is L2, AdamW's decoupled) at learning rate ``lr`` on
+    batches of ``batch_size``; ``warmup`` steps of linear learning-rate warm-up, then constant;
+    ``grad_clip`` <= 0 disables gradient-norm clipping. Checkpoints every ``checkpoint_every`` steps;
+    ``snapshot_every`` > 0 also keeps ``step_XXXXXXX.pt`` files (for checkpoint selection). A loss
+    term larger than ``loss_limit`` in magnitude counts as diverged (an exploding divergence
+    estimate, say) and stops training like a NaN. The run's seed is not an optimizer setting: it is
+    an argument of ``train``.
     """
 
     steps: int = 2000
+    batch_size: int = 128
     lr: float = 1e-3
-    seed: int = 0
+    warmup: int = 0
+    grad_clip: float = 1.0
+    optimizer: str = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
     checkpoint_every: int = 500
     snapshot_every: int = 0
     log_every: int = 50
-    warmup: int = 0
-    grad_clip: float = 1.0
     loss_limit: float = 1e8
 
     def __post_init__(self) -> None:
-        for key in ("steps", "checkpoint_every", "log_every", "lr", "loss_limit"):
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "lr", "eps", "loss_limit"):
             if not getattr(self, key) > 0:
                 raise InvalidParameter(key, getattr(self, key), "must be > 0")
-        for key in ("snapshot_every", "warmup"):
+        for key in ("snapshot_every", "warmup", "weight_decay"):
             if getattr(self, key) < 0:
                 raise InvalidParameter(key, getattr(self, key), "must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidParameter("optimizer", self.optimizer, f"one of {OPTIMIZERS}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise InvalidParameter("betas", self.betas, "two numbers in [0, 1)")
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer fields alone, as a plain ``TrainConfig`` (a tier section that extends this
+        class carries more; checkpoints record only these)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+        """``torch.optim.Adam`` or ``AdamW`` with these settings."""
+        cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return cls(parameters, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
+                   weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) ``step``: linear warm-up over ``warmup`` steps, then ``lr``."""
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
 
 
 @dataclass
@@ -90,9 +120,9 @@ def canonical(obj):
 
 
 def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: TrainConfig,
-          meta: dict | None) -> None:
+          seed: int, meta: dict | None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "history": history, "config": asdict(config), "meta": meta}
+             "history": history, "config": asdict(config.train_config()), "seed": seed, "meta": meta}
     atomic_torch_save(canonical(state), path)
 
 
@@ -139,16 +169,18 @@ def train(
     progress: bool = True,
     desc: str = "train",
     meta: dict | None = None,
+    seed: int = 0,
 ) -> TrainResult:
     """Optimize ``objective`` for ``config.steps`` steps, resuming from ``checkpoint_dir/last.pt``.
 
-    ``batch_fn(step, generator)`` returns the data batch of a step. ``meta`` (plain values: the
+    ``batch_fn(step, generator)`` returns the data batch of a step; the randomness of step ``s`` is
+    the ``train-step`` stream of ``(seed, s)``. ``meta`` (plain values: the
     method, its windows, ...) is stored in every checkpoint, and a checkpoint with other ``meta`` is
     refused at resume (``CheckpointError``). Raises ``NonFiniteLossError`` naming the step and the
     loss parts; the last good checkpoint is kept. Temporary files of a killed checkpoint write are
     deleted at start: a half-written file is never loaded.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = config.make_optimizer(model.parameters())
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = 0, []
     if ckpt_dir is not None and ckpt_dir.exists():
@@ -163,7 +195,7 @@ def train(
                total=config.steps, mininterval=5.0)
     model.train()
     for step in bar:
-        generator = step_generator(config.seed, step)
+        generator = step_generator(seed, step)
         try:
             terms = objective(model, batch_fn(step, generator), step, generator)
         except NonFiniteLossError as err:
@@ -191,7 +223,7 @@ def train(
             )
         if config.warmup:
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+                group["lr"] = config.lr_at(step)
         optimizer.step()
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
@@ -199,9 +231,10 @@ def train(
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
         if ckpt_dir is not None:  # the snapshot first: once last.pt says `done`, its snapshot exists
             if config.snapshot_every and done % config.snapshot_every == 0:
-                _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config, meta)
+                _save(ckpt_dir / f"step_{done:07d}.pt", model, optimizer, done, history, config, seed,
+                      meta)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config, meta)
+                _save(ckpt_dir / LAST_CHECKPOINT, model, optimizer, done, history, config, seed, meta)
     model.eval()
     result.steps = config.steps
     result.wall_seconds = time.perf_counter() - tic

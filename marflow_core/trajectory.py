@@ -8,6 +8,7 @@ window ``k``, its start ``x_s`` at ``t_k``, the teacher's end point ``y_T`` at `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,13 +49,27 @@ class WindowBatchSampler(Protocol):
     def __call__(self, batch, generator: torch.Generator | None) -> WindowBatch: ...
 
 
-def trajectory_matching_loss(model: VelocityField, wb: WindowBatch, per_sample: bool = False) -> torch.Tensor:
-    """``L_TM = mean ||v_theta(x_t, t) - (y_T - x_s)/(t_{k+1} - t_k)||^2``, averaged over batch and dims.
+#: ``distance(prediction, target) -> cost``: the trajectory distance of ``L_TM``. Both inputs are
+#: ``(B, ...)``; the cost is per element ``(B, ...)`` or per sample ``(B,)``, and ``L_TM`` is its mean.
+TrajectoryDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    ``per_sample`` returns the ``(B,)`` per-sample means over dims instead (for error bars).
+
+def squared_distance(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(v - u)^2`` per element: ``L_TM`` is then the mean squared error of docs/method.md, section 2."""
+    return (prediction - target).pow(2)
+
+
+def trajectory_matching_loss(model: VelocityField, wb: WindowBatch, per_sample: bool = False,
+                             distance: TrajectoryDistance = squared_distance) -> torch.Tensor:
+    """``L_TM = mean d(v_theta(x_t, t), (y_T - x_s)/(t_{k+1} - t_k))``, averaged over batch (and dims
+    for a per-element distance); the default ``d`` is the squared error.
+
+    ``per_sample`` returns the ``(B,)`` per-sample costs instead (means over dims; for error bars).
     """
-    sq = (model(wb.point(), wb.t) - wb.target()).pow(2)
-    return sq.flatten(1).mean(1) if per_sample else sq.mean()
+    cost = distance(model(wb.point(), wb.t), wb.target())
+    if per_sample:
+        return cost.flatten(1).mean(1) if cost.ndim > 1 else cost
+    return cost.mean()
 
 
 @torch.no_grad()

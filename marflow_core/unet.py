@@ -27,7 +27,14 @@ ATTENTION_KINDS: tuple[str, ...] = ("plain", "default")
 class UNetConfig:
     """``UNet2DModel`` size: ``widths`` per resolution level (each level but the last halves the
     resolution), ``attention_levels`` the levels with self-attention, ``layers_per_block`` ResNet
-    blocks per level, ``norm_groups`` GroupNorm groups (must divide every width)."""
+    blocks per level, ``norm_groups`` GroupNorm groups (must divide every width).
+
+    ``attention_head_dim``: channels per attention head (``width / attention_head_dim`` heads in
+    each attention layer, the mid block's included), or None for one head over all channels (DDPM's
+    attention). ``dropout``: the ResNet blocks' dropout probability. DDPM's CIFAR-10 layout is
+    ``widths [128, 256, 256, 256]``, ``attention_levels [1]``, ``layers_per_block 2``,
+    ``norm_groups 32``, ``attention_head_dim None``, ``dropout 0.1``.
+    """
 
     widths: list[int] = field(default_factory=lambda: [32, 64])
     attention_levels: list[int] = field(default_factory=lambda: [1])
@@ -35,6 +42,8 @@ class UNetConfig:
     norm_groups: int = 8
     attention: str = "plain"
     time_scale: float = 999.0
+    attention_head_dim: int | None = 8
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.widths or any(w < 1 for w in self.widths):
@@ -50,6 +59,14 @@ class UNetConfig:
             raise InvalidParameter("attention", self.attention, f"one of {ATTENTION_KINDS}")
         if not self.time_scale > 0:
             raise InvalidParameter("time_scale", self.time_scale, "must be > 0")
+        if self.attention_head_dim is not None:
+            attended = sorted({self.widths[i] for i in self.attention_levels} | {self.widths[-1]})
+            if self.attention_head_dim < 1 or any(w % self.attention_head_dim for w in attended):
+                raise InvalidParameter("attention_head_dim", self.attention_head_dim,
+                                       f"must be None or divide the width of every attention layer "
+                                       f"{attended} (the mid block attends at the last width)")
+        if not 0 <= self.dropout < 1:
+            raise InvalidParameter("dropout", self.dropout, "must lie in [0, 1)")
 
     def check_size(self, size: int) -> None:
         """Every downsampling must divide the image side ``size``."""
@@ -77,7 +94,8 @@ class UNetVelocity(nn.Module):
         self.unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
             layers_per_block=config.layers_per_block, block_out_channels=tuple(config.widths),
-            norm_num_groups=config.norm_groups, down_block_types=down, up_block_types=up)
+            norm_num_groups=config.norm_groups, down_block_types=down, up_block_types=up,
+            attention_head_dim=config.attention_head_dim, dropout=config.dropout)
         if config.attention == "plain":
             for module in self.unet.modules():  # UNet2DModel has no set_attn_processor
                 if hasattr(module, "set_processor"):

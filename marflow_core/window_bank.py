@@ -10,7 +10,7 @@ student's own step. A bank draws, once, ``n_entries`` triples
 (docs/method.md, section 2, with PeRFlow's noised-data starts) and a sampler then draws rows of the
 bank and a fresh time ``t ~ U[t_k, t_{k+1}]`` per row. Trajectory matching on a bank is PeRFlow with
 a finite set of window pairs, as reflow is rectified flow with a finite pair bank. Shards are
-written atomically and reused when their settings match, like reflow pair shards.
+written atomically and reused when their settings match (``banks.py``, shared with reflow pairs).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .atomic import atomic_torch_save
+from . import banks
 from .errors import InvalidParameter
 from .models import VelocityField, expand_time
-from .seeding import derive_seed, stream
+from .seeding import stream
 from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 from .windows import TimeWindows
 
 SHARD_PATTERN = "window_bank_seed{seed:019d}.pt"
+SHARD_STREAM = "window-bank-shard"
 
 
 @dataclass
@@ -53,7 +53,7 @@ class WindowBankConfig:
 
 def shard_seed(base_seed: int, shard: int) -> int:
     """The seed of bank shard ``shard``: the ``window-bank-shard`` stream of ``base_seed``."""
-    return derive_seed(base_seed, "window-bank-shard", shard)
+    return banks.shard_seed(base_seed, SHARD_STREAM, shard)
 
 
 @torch.no_grad()
@@ -90,35 +90,20 @@ def generate_window_bank(
     progress: bool = True,
 ) -> list[Path]:
     """Write ``ceil(n_entries / shard_size)`` shards to ``out_dir``, skipping matching ones."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"teacher_steps": config.teacher_steps, "solver": config.solver,
                 "n_windows": windows.n_windows, "boundaries": windows.boundaries().tolist()}
-    paths = []
-    n_shards = -(-config.n_entries // config.shard_size)
-    for shard in tqdm(range(n_shards), desc="window bank", disable=not progress):
-        seed = shard_seed(base_seed, shard)
-        path = out / SHARD_PATTERN.format(seed=seed)
-        size = min(config.shard_size, config.n_entries - shard * config.shard_size)
-        if not _shard_matches(path, size, settings):
-            entries = window_bank_shard(teacher, data, windows, size, seed, config)
-            atomic_torch_save({**{k: v.cpu() for k, v in entries.items()}, **settings, "seed": seed},
-                              path)
-        paths.append(path)
-    return paths
 
+    def make_shard(seed: int, size: int) -> dict[str, torch.Tensor]:
+        return window_bank_shard(teacher, data, windows, size, seed, config)
 
-def _shard_matches(path: Path, size: int, settings: dict) -> bool:
-    if not path.exists():
-        return False
-    shard = torch.load(path, weights_only=True, mmap=True)
-    return len(shard["k"]) == size and all(shard.get(key) == value for key, value in settings.items())
+    return banks.generate_shards(out_dir, SHARD_PATTERN, config.n_entries, config.shard_size,
+                                 base_seed, SHARD_STREAM, settings, make_shard, progress,
+                                 desc="window bank")
 
 
 def load_window_bank(paths: list[Path]) -> dict[str, torch.Tensor]:
     """Concatenate shards into ``{"x_start", "y_end", "k"}``."""
-    shards = [torch.load(p, weights_only=True) for p in paths]
-    return {key: torch.cat([s[key] for s in shards]) for key in ("x_start", "y_end", "k")}
+    return banks.load_shards(paths, ("x_start", "y_end", "k"))
 
 
 @dataclass

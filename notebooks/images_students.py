@@ -53,7 +53,7 @@ setup_plotting()
 out, root = Path(out_dir), Path(checkpoint_dir)
 out.mkdir(parents=True, exist_ok=True)
 for name, student in cfg.students.items():
-    ma = cfg.student_ma(student)
+    ma = student.ma_config(cfg.ma)
     ma_text = (f"MA lambda={ma.weight:g}, {ma.substeps} sub-step(s)/window, {ma.divergence} divergence "
                f"({ma.n_probes} probe(s)), every {ma.every} step(s)" if ma else "no MA")
     print(f"{name}: {student.method}, K={student.windows}, seeds {student.seeds}, {ma_text}")

@@ -1,8 +1,15 @@
-"""The tier registry: how a tier tells the harness its params sections and its notebook stages.
+"""The tier registry: how a tier tells the harness its params sections and its stages.
 
 The harness (``stage.py``, ``notebook.py``, ``profile.py``, ``retrain.py``) imports no tier. A tier is
 a sub-package of ``replication`` with a module ``stages.py`` that defines ``TIER = Tier(...)``; it is
 found by ``tiers()`` at run time, so a new tier plugs in by adding files, never by editing the runner.
+
+A stage is either a notebook stage (``StageSpec``: a jupytext notebook executed by papermill, the
+CPU tiers' tables and figures) or a module stage (``ModuleStage``: a function called with the
+validated sections, the GPU tiers' training and evaluation, which ``accelerate launch`` can start in
+every process). Both kinds read their sections from their tier's ``params_file`` and go through the
+same validation, so every params file obeys the same rules (unknown keys, bad values and keys
+without effect are errors naming the key).
 """
 
 from __future__ import annotations
@@ -47,23 +54,52 @@ class StageSpec:
     threads: int = 1
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The stage's sections as given, after validating each and the cross-section checks."""
-        for name in self.sections:
-            section(params, name)
-        for check in self.checks:
-            check(params)
-        return {name: params.get(name, {}) for name in self.sections}
+        return _validate_stage(self, params)
+
+
+@dataclass(frozen=True)
+class ModuleStage:
+    """A stage that calls ``entry`` (``"package.module:function"``) as ``function(configs, progress)``
+    with ``configs`` the validated dataclasses of its ``sections`` (by name); the function returns a
+    JSON-able summary, which the runner prints. ``threads`` as for ``StageSpec``."""
+
+    name: str
+    entry: str
+    sections: tuple[str, ...]
+    checks: tuple[CrossCheck, ...] = ()
+    threads: int = 1
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        return _validate_stage(self, params)
+
+    def function(self) -> Callable[[dict[str, Any], bool], Any]:
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+Stage = StageSpec | ModuleStage
+
+
+def _validate_stage(spec: Stage, params: dict[str, Any]) -> dict[str, Any]:
+    """The stage's sections as given, after validating each and the cross-section checks."""
+    for name in spec.sections:
+        section(params, name)
+    for check in spec.checks:
+        check(params)
+    return {name: params.get(name, {}) for name in spec.sections}
 
 
 @dataclass(frozen=True)
 class Tier:
-    """A tier: its params ``sections`` (name -> dataclass), its ``stages`` and the folders its
-    training stages persist between runs (``retrain`` deletes them to start from scratch)."""
+    """A tier: its params ``sections`` (name -> dataclass), its ``stages``, the folders its training
+    stages persist between runs (``retrain`` deletes them to start from scratch) and the
+    ``params_file`` its sections live in (the GPU tiers keep theirs beside their own DVC project)."""
 
     name: str
     sections: dict[str, type]
-    stages: tuple[StageSpec, ...]
+    stages: tuple[Stage, ...]
     persistent_outputs: tuple[str, ...] = field(default_factory=tuple)
+    params_file: str = "params.yaml"
 
 
 @cache
@@ -102,12 +138,17 @@ def sections() -> dict[str, type]:
     return {name: cls for tier in tiers().values() for name, cls in tier.sections.items()}
 
 
-def stages() -> dict[str, StageSpec]:
+def stages() -> dict[str, Stage]:
     """Every stage of every tier, by name."""
     return {stage.name: stage for tier in tiers().values() for stage in tier.stages}
 
 
-def stage(name: str) -> StageSpec:
+def tier_of(stage_name: str) -> Tier:
+    """The tier that registers stage ``stage_name``."""
+    return next(t for t in tiers().values() if any(s.name == stage_name for s in t.stages))
+
+
+def stage(name: str) -> Stage:
     """The stage called ``name``; an unknown name raises ``ConfigError`` listing the known ones."""
     known = stages()
     if name not in known:
@@ -123,15 +164,17 @@ def section(params: dict[str, Any], name: str):
     return from_dict(known[name], params.get(name, {}), name)
 
 
-def validate_all(params: dict[str, Any]) -> None:
-    """Every section present, every stage's cross-section checks, and no unknown top-level key."""
-    known = sections()
+def validate_all(params: dict[str, Any], params_file: str = "params.yaml") -> None:
+    """Every section present, every stage's cross-section checks, and no unknown top-level key,
+    for the tiers whose sections live in ``params_file``."""
+    chosen = [t for t in tiers().values() if t.params_file == params_file]
+    known = {name for t in chosen for name in t.sections}
     for key in params:
         require(key in known or key in GLOBAL_KEYS, key, params[key],
                 f"unknown params section; known: {sorted([*known, *GLOBAL_KEYS])}")
-    for name in known:
+    for name in sorted(known):
         if name in params:
             section(params, name)
-    for spec in stages().values():
+    for spec in (s for t in chosen for s in t.stages):
         if all(name in params for name in spec.sections):
             spec.validate(params)

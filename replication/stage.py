@@ -1,16 +1,21 @@
-"""The stage runner that DVC calls: validate params, convert the notebook, execute it with papermill.
+"""The stage runner that DVC calls: validate params, then run the stage.
 
-``python -m replication.stage fig1_mog`` looks the stage up in the tier registry, validates every
+``python -m replication.stage fig1_mog`` looks the stage up in the tier registry and validates every
 params section it reads (a bad value stops here, before any work, naming the key and the value),
-converts its jupytext percent-format ``.py`` notebook, executes it with papermill in a temporary
-folder, scrubs what changes from run to run (``reproducible.py``) and only on success replaces the
-stage's results folder with it: a crash never leaves half-written results. A failed run's notebook
-is kept in ``results/.failed/<stage>/`` (git-ignored) for debugging. This module imports no tier.
+from the tier's params file (``params.yaml`` for the CPU tiers, ``replication/gpu/params.yaml`` for
+the GPU tiers; ``--params`` overrides). A notebook stage converts its jupytext percent-format ``.py``
+notebook, executes it with papermill in a temporary folder, scrubs what changes from run to run
+(``reproducible.py``) and only on success replaces the stage's results folder with it: a crash never
+leaves half-written results. A failed run's notebook is kept in ``results/.failed/<stage>/``
+(git-ignored) for debugging. A module stage calls its tier's function with the validated sections
+(``accelerate launch -m replication.stage NAME`` runs it in every process). This module imports no
+tier.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_params
-from .registry import StageSpec, stage, stages, validate_all
+from .registry import ModuleStage, StageSpec, section, stage, stages, tier_of, validate_all
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,12 +69,33 @@ def _scrub(executed: Path, spec: StageSpec, tmp_dir: Path, root: Path) -> None:
     nbformat.write(nbformat.from_dict(scrub_notebook(nb, replacements)), executed)
 
 
-def run_stage(name: str, params_path: Path, root: Path = REPO_ROOT, progress: bool = True) -> Path:
-    """Validate, convert, execute and scrub stage ``name``; returns its results folder."""
+def validated(name: str, params_path: Path | None, root: Path = REPO_ROOT):
+    """``(spec, all_params, params_path)`` of stage ``name`` after validating its params file (the
+    tier's own, relative to the working directory, when ``params_path`` is None)."""
     spec = stage(name)
+    params_file = tier_of(name).params_file
+    params_path = Path(params_file) if params_path is None else params_path
     all_params = load_params(params_path)
+    spec.validate(all_params)
+    validate_all(all_params, params_file)
+    return spec, all_params, params_path
+
+
+def run_module_stage(spec: ModuleStage, all_params: dict, progress: bool = True):
+    """Call a module stage's function with its validated sections; returns its summary."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(spec.threads))
+    configs = {name: section(all_params, name) for name in spec.sections}
+    return spec.function()(configs, progress)
+
+
+def run_stage(name: str, params_path: Path | None = None, root: Path = REPO_ROOT,
+              progress: bool = True) -> Path:
+    """Validate, convert, execute and scrub notebook stage ``name``; returns its results folder."""
+    spec, all_params, params_path = validated(name, params_path, root)
+    if not isinstance(spec, StageSpec):
+        raise TypeError(f"stage {name} is a module stage: use run_module_stage")
     params = spec.validate(all_params)
-    validate_all(all_params)
     out_dir = root / spec.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run of this stage
@@ -97,24 +123,28 @@ def run_stage(name: str, params_path: Path, root: Path = REPO_ROOT, progress: bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", nargs="?", help="a stage name (`--list` shows them)")
-    parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--params", default=None, type=Path,
+                        help="params file (default: the stage's tier's, e.g. params.yaml)")
     parser.add_argument("--check-only", action="store_true", help="validate params and stop")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--list", action="store_true", help="list the stages of every tier")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(f"{s.name}: {s.notebook} -> {s.out_dir}" for s in stages().values()))
+        print("\n".join(describe(s) for s in stages().values()))
         return 0
     if args.stage is None:
         parser.error("name a stage, or use --list")
     try:
-        if args.check_only:
-            params = load_params(args.params)
-            stage(args.stage).validate(params)
-            validate_all(params)
-            print(f"{args.params}: parameters of stage {args.stage} are valid")
-            return 0
         tic = time.perf_counter()
+        spec, all_params, params_path = validated(args.stage, args.params)
+        if args.check_only:
+            print(f"{params_path}: parameters of stage {args.stage} are valid")
+            return 0
+        if isinstance(spec, ModuleStage):
+            summary = run_module_stage(spec, all_params, progress=not args.quiet)
+            print(f"stage {args.stage}: {json.dumps(summary, default=str)} "
+                  f"({time.perf_counter() - tic:.0f} s)")
+            return 0
         out = run_stage(args.stage, args.params, progress=not args.quiet)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -122,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage {args.stage}: results in {out.relative_to(REPO_ROOT)} "
           f"({time.perf_counter() - tic:.0f} s)")
     return 0
+
+
+def describe(spec) -> str:
+    """One ``--list`` line: name, tier and params file, what runs."""
+    tier = tier_of(spec.name)
+    what = f"{spec.notebook} -> {spec.out_dir}" if isinstance(spec, StageSpec) else spec.entry
+    return f"{spec.name} [{tier.name}, {tier.params_file}]: {what}"
 
 
 if __name__ == "__main__":

@@ -40,8 +40,13 @@ def _model(seed: int = 0) -> TimeMLP:
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(steps=30, lr=3e-3, seed=5, checkpoint_every=10, log_every=5, warmup=4)
+    base = dict(steps=30, lr=3e-3, checkpoint_every=10, log_every=5, warmup=4)
     return TrainConfig(**{**base, **kw})
+
+
+def _train(*args, seed: int = 5, **kwargs):
+    """``train`` with the run seed of these tests."""
+    return train(*args, seed=seed, **kwargs)
 
 
 class Crash(RuntimeError):
@@ -52,7 +57,7 @@ def test_resume_after_crash_is_bit_identical(setup, tmp_path):
     objective, batch_fn = setup
     cfg = _config()
     reference = _model()
-    ref = train(reference, objective, batch_fn, cfg, tmp_path / "a", progress=False)
+    ref = _train(reference, objective, batch_fn, cfg, tmp_path / "a", progress=False)
     assert ref.resumed_from == 0 and [h["step"] for h in ref.history] == [5, 10, 15, 20, 25, 30]
     assert {"tm", "ma", "total"} <= set(ref.history[0])
 
@@ -62,10 +67,10 @@ def test_resume_after_crash_is_bit_identical(setup, tmp_path):
         return batch_fn(step, generator)
 
     with pytest.raises(Crash):
-        train(_model(), objective, crashing, cfg, tmp_path / "b", progress=False)
+        _train(_model(), objective, crashing, cfg, tmp_path / "b", progress=False)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 20
     resumed_model = _model(seed=123)  # different init: the weights must come from the checkpoint
-    res = train(resumed_model, objective, batch_fn, cfg, tmp_path / "b", progress=False)
+    res = _train(resumed_model, objective, batch_fn, cfg, tmp_path / "b", progress=False)
     assert res.resumed_from == 20 and res.steps == 30
     assert res.history == ref.history
     a, b = reference.state_dict(), resumed_model.state_dict()
@@ -79,10 +84,10 @@ def test_resume_after_crash_is_bit_identical(setup, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq"))
     # a different seed gives a different run (the comparison above is not vacuous)
     other = _model()
-    train(other, objective, batch_fn, _config(seed=6), None, progress=False)
+    _train(other, objective, batch_fn, cfg, None, progress=False, seed=6)
     assert not all(torch.equal(a[k], other.state_dict()[k]) for k in a)
     # a finished run resumes to a no-op
-    again = train(_model(seed=9), objective, batch_fn, cfg, tmp_path / "a", progress=False)
+    again = _train(_model(seed=9), objective, batch_fn, cfg, tmp_path / "a", progress=False)
     assert again.resumed_from == 30 and again.history == ref.history
 
 
@@ -95,12 +100,12 @@ def test_non_finite_loss_raises_before_the_update(setup, tmp_path):
 
     model = _model()
     with pytest.raises(NonFiniteLossError, match="step 7"):
-        train(model, objective, poisoned, _config(checkpoint_every=5), tmp_path, progress=False)
+        _train(model, objective, poisoned, _config(checkpoint_every=5), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 5
     # no update happened at step 7: the weights are those after 7 clean steps
     clean = _model()
-    train(clean, objective, batch_fn, _config(steps=7, checkpoint_every=5), None, progress=False)
+    _train(clean, objective, batch_fn, _config(steps=7, checkpoint_every=5), None, progress=False)
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in clean.state_dict().items())
 
@@ -118,9 +123,9 @@ def test_non_finite_gradient_raises_before_the_update(setup, tmp_path):
 
     model = _model()
     with pytest.raises(NonFiniteLossError, match="gradient norm at step 3"):
-        train(model, sqrt_at_zero, batch_fn, _config(), tmp_path, progress=False)
+        _train(model, sqrt_at_zero, batch_fn, _config(), tmp_path, progress=False)
     clean = _model()
-    train(clean, objective, batch_fn, _config(steps=3), None, progress=False)
+    _train(clean, objective, batch_fn, _config(steps=3), None, progress=False)
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in clean.state_dict().items())
 
@@ -129,7 +134,7 @@ def test_only_final_checkpoint_files_exist(setup, tmp_path):
     objective, batch_fn = setup
     cfg = _config(steps=20, checkpoint_every=7, snapshot_every=10)
     model = _model()
-    train(model, objective, batch_fn, cfg, tmp_path / "run", progress=False)
+    _train(model, objective, batch_fn, cfg, tmp_path / "run", progress=False)
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names == ["last.pt", "step_0000010.pt", "step_0000020.pt"]
     fresh = _model(seed=1)

@@ -68,7 +68,7 @@ def test_a_new_tier_plugs_in_by_adding_files(tmp_path):
     env = {"PYTHONPATH": str(tmp_path)}
     listed = _cli("-m", "replication.stage", "--list", cwd=tmp_path, env=env)
     assert listed.returncode == 0, listed.stderr
-    assert "fake_stage: notebooks/fake.py -> results/fake" in listed.stdout
+    assert "fake_stage [fake, params.yaml]: notebooks/fake.py -> results/fake" in listed.stdout
     assert "fig1_mog" in listed.stdout  # the existing tiers are still there
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fake_section": {"size": 3}}))
     ok = _cli("-m", "replication.stage", "fake_stage", "--check-only", cwd=tmp_path, env=env)

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from marflow_core import TimeWindows
-from replication.images.evaluate import (
-    CountingField,
-    adaptive_teacher_samples,
-    few_step_samples,
-    paired_delta,
-    seed_interval,
-)
+from replication.common.stats import paired_delta, seed_interval
+from replication.images.evaluate import CountingField, adaptive_teacher_samples, few_step_samples
 from replication.images.table import aggregate, formatted, ma_deltas, verdict
 
 T975 = {1: 12.706204736174705, 2: 4.302652729749464, 3: 3.182446305284263}  # t_{0.975, df} tables

@@ -46,7 +46,7 @@ TRAINING_DRIVERS = {
                                                   progress=False, seed=toy.seed)
             torch.manual_seed(0)
             model = make_model(cfg)
-            config = TrainConfig(steps=60, lr=2e-3, seed=3, checkpoint_every=4, snapshot_every=8,
+            config = TrainConfig(steps=60, lr=2e-3, checkpoint_every=4, snapshot_every=8,
                                  log_every=4, warmup=5)
             return model, objective, lambda step, gen: batch_fn(step, gen)[:64], config, \\
                 student_meta("perflow_ma", student)
@@ -72,7 +72,7 @@ TRAINING_DRIVERS = {
                                                   progress=False)
             torch.manual_seed(0)
             model = make_model(images)
-            config = TrainConfig(steps=40, lr=1e-3, seed=3, checkpoint_every=4, snapshot_every=8,
+            config = TrainConfig(steps=40, lr=1e-3, checkpoint_every=4, snapshot_every=8,
                                  log_every=4, warmup=5)
             return model, objective, batch_fn, config, student_meta("perflow_ma", 0, student)
     """),
@@ -100,7 +100,7 @@ DRIVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             real_save(obj, fh, *args, **kwargs)
         atomic.torch.save = dying_save
-    train(model, objective, batch_fn, config, work / "run", progress=False, meta=meta)
+    train(model, objective, batch_fn, config, work / "run", progress=False, meta=meta, seed=3)
     print("finished")
 """)
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from marflow_core import GaussianMixtureTeacher, TimeWindows
-from replication.toy2d.config import StudentConfig, TVBoundConfig
-from replication.toy2d.metrics import Estimate, paired_difference
+from replication.common.students import StudentSpec
+from replication.toy2d.config import TVBoundConfig
+from replication.common.stats import Estimate, paired_difference
 from replication.toy2d.tier import TrainedStudent
 from replication.toy2d.tv_bound import BoundCheck, pinsker_sum, tv_bound
 from replication.toy2d.underdetermination import (
@@ -122,7 +123,7 @@ def test_tv_bound_terms_of_a_one_window_affine_student():
     equal the closed-form KL of the affine ODE's pushforward N(b (e^a - 1)/a, e^{2a} I)."""
     mu, sigma, a, b = [0.8, -0.4], 0.7, -0.2, 0.3
     teacher = GaussianMixtureTeacher([1.0], [mu], [sigma], dtype=F64)
-    student = TrainedStudent("affine", StudentConfig("perflow", windows=1), AffineStudent(a, b),
+    student = TrainedStudent("affine", StudentSpec("perflow", windows=1), AffineStudent(a, b),
                              TimeWindows(1), [])
     cfg = TVBoundConfig(steps_per_window=1, ode_substeps=32, ode_euler_steps=256, n_samples=20000)
     bound = tv_bound(student, teacher, cfg, seed=3)

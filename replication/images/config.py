@@ -1,21 +1,22 @@
 """Dataclasses for the image tier's ``params.yaml`` sections (``images``, ``images_teacher``, ...).
 
 Library settings are the library's own dataclasses (``UNetConfig``, ``ReflowPairConfig``,
-``WindowBankConfig``, ``MAConfig``, ``TrainConfig``), which validate themselves; the classes here add
-what the tier decides (dataset, students and their seeds, evaluation sizes) and cross-field checks.
+``WindowBankConfig``, ``MAConfig``, ``TrainConfig``), which validate themselves; students are the
+shared ``StudentSpec``; the classes here add what the tier decides (dataset, evaluation sizes) and
+cross-field checks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from marflow_core import MAConfig, ReflowPairConfig, TrainConfig, WindowBankConfig
 from marflow_core.unet import UNetConfig
 
+from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
 from ..config import check_device, require
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "folder")
-METHODS: tuple[str, ...] = ("reflow", "perflow")
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun")
 
 
@@ -66,111 +67,39 @@ class ImagesConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Adam settings of one training run (mapped onto the library's ``TrainConfig``)."""
-
-    batch_size: int = 128
-    steps: int = 2000
-    lr: float = 1e-3
-    warmup: int = 0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 250
-    log_every: int = 25
-
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, seed=seed, warmup=self.warmup,
-                           checkpoint_every=self.checkpoint_every, log_every=self.log_every,
-                           grad_clip=self.grad_clip)
-
-    def validate(self, where: str) -> None:
-        require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
-        self.train_config(seed=0)
-
-
-@dataclass
-class TeacherStageConfig(OptimConfig):
+class TeacherStageConfig(TrainConfig):
     """Flow-matching training of the teacher on the training split; ``seed`` of its run."""
 
     seed: int = 0
     grid_samples: int = 32
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         require(self.grid_samples >= 1, f"{where}.grid_samples", self.grid_samples, "must be >= 1")
 
 
-@dataclass
-class StudentConfig:
-    """One student: ``method`` (reflow: K = 1 on teacher pairs; perflow: K windows on the window
-    bank), ``ma`` on or off, its own ``ma_weight`` / ``ma_substeps`` if set, and training ``seeds``."""
-
-    method: str
-    windows: int = 1
-    ma: bool = False
-    ma_weight: float | None = None
-    ma_substeps: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-
-    def validate(self, where: str) -> None:
-        require(self.method in METHODS, f"{where}.method", self.method, f"unknown method; one of {METHODS}")
-        require(self.windows >= 1, f"{where}.windows", self.windows, "K must be >= 1")
-        if self.method == "reflow":
-            require(self.windows == 1, f"{where}.windows", self.windows, "reflow uses K = 1")
-        if self.ma_weight is not None:
-            require(self.ma_weight >= 0, f"{where}.ma_weight", self.ma_weight, "lambda must be >= 0")
-        if self.ma_substeps is not None:
-            require(self.ma_substeps >= 1, f"{where}.ma_substeps", self.ma_substeps, "must be >= 1")
-        require(len(self.seeds) >= 1, f"{where}.seeds", self.seeds, "need at least one seed")
-        require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", self.seeds, "seeds repeat")
-
-    def inactive_fields(self) -> dict[str, str]:
-        if self.ma:
-            return {}
-        return dict.fromkeys(("ma_weight", "ma_substeps"), "this student has ma: false")
+#: the config section of each pairing (``replication.common.methods``): teacher pairs come from the
+#: pair bank of ``reflow_pairs``, windows from the window bank of ``window_bank``
+PAIRING_SECTIONS: dict[str, str] = {"teacher_pairs": "reflow_pairs", "windows": "window_bank"}
 
 
 @dataclass
-class StudentsStageConfig(OptimConfig):
-    """Students, initialised from the teacher's weights; the MA term scores with the teacher's
-    ``score_from_velocity`` cut off at ``t_max``."""
+class StudentsStageConfig(TrainConfig):
+    """Students, initialised from the teacher's weights, each over its ``seeds``; the MA term scores
+    with the teacher's ``score_from_velocity`` cut off at ``t_max``."""
 
     t_max: float = 0.99
     reflow_pairs: ReflowPairConfig = field(default_factory=ReflowPairConfig)
     window_bank: WindowBankConfig = field(default_factory=WindowBankConfig)
     ma: MAConfig = field(default_factory=MAConfig)
-    students: dict[str, StudentConfig] = field(default_factory=dict)
+    students: dict[str, StudentSpec] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "must lie in (0, 1)")
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
-        for name, student in self.students.items():
-            if student.ma:
-                ma = self.student_ma(student)
-                weights = ma.window_weights
-                require(weights is None or len(weights) == student.windows, f"{where}.ma.window_weights",
-                        weights, f"needs one weight per window; student {name!r} has K = {student.windows}")
+        check_window_weights(self.students, self.ma, where)
 
     def inactive_fields(self) -> dict[str, str]:
-        students = self.students.values()
-        unused = {}
-        if not any(s.ma for s in students):
-            unused["ma"] = "no student has ma: true"
-        for method, key in (("reflow", "reflow_pairs"), ("perflow", "window_bank")):
-            if not any(s.method == method for s in students):
-                unused[key] = f"no student has method: {method}"
-        return unused
-
-    def student_ma(self, student: StudentConfig) -> MAConfig | None:
-        """The shared MA settings with the student's own overrides; None without MA."""
-        if not student.ma:
-            return None
-        overrides = {}
-        if student.ma_weight is not None:
-            overrides["weight"] = student.ma_weight
-        if student.ma_substeps is not None:
-            overrides["substeps"] = student.ma_substeps
-        return replace(self.ma, **overrides)
+        return unused_pairing_sections(self.students, PAIRING_SECTIONS)
 
     def runs(self) -> list[tuple[str, int]]:
         """Every ``(student, seed)`` training run, in order."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+
 
 import torch
 
@@ -52,43 +52,6 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     tic = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - tic
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Mean of ``n`` values and the half-width of its two-sided ``level`` Student-t interval
-    (``t_{(1+level)/2, n-1} * sd / sqrt(n)``; NaN for ``n = 1``)."""
-
-    mean: float
-    half_width: float
-    n: int
-
-    def __str__(self) -> str:
-        if self.n < 2:
-            return f"{self.mean:.3g} (1 seed)"
-        return f"{self.mean:.3g} ± {self.half_width:.2g}"
-
-
-def seed_interval(values: Sequence[float], level: float = 0.95) -> Interval:
-    """Mean over training seeds with a Student-t confidence interval."""
-    from scipy import stats
-
-    x = torch.as_tensor(list(values), dtype=torch.float64)
-    n = len(x)
-    if n == 0:
-        raise ValueError("no values")
-    if n == 1:
-        return Interval(float(x[0]), float("nan"), 1)
-    sd = float(x.std(unbiased=True))
-    return Interval(float(x.mean()), float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n)
-
-
-def paired_delta(treated: dict[int, float], control: dict[int, float], level: float = 0.95) -> Interval:
-    """``treated - control`` paired by training seed (the seeds both have), with its t interval."""
-    seeds = sorted(set(treated) & set(control))
-    if not seeds:
-        raise ValueError(f"no common seeds: {sorted(treated)} vs {sorted(control)}")
-    return seed_interval([treated[s] - control[s] for s in seeds], level)
 
 
 def loss_frame(histories: dict[str, list[dict[str, float]]], parts: Sequence[str]):

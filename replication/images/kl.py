@@ -41,7 +41,7 @@ from tqdm import tqdm
 from marflow_core import TimeWindows, euler_map_with_logdet, flow_with_logdet, uniform_grid
 from marflow_core.models import VelocityField
 from marflow_core.seeding import stream
-from replication.toy2d.metrics import mc_mean, standard_normal_log_prob
+from replication.common.stats import mc_mean, standard_normal_log_prob
 
 #: named random stream (child of ``kl_student_teacher``'s ``seed``) of the teacher's Hutchinson probes
 PROBES = "kl-probes"

@@ -13,7 +13,8 @@ import torch
 
 from marflow_core.atomic import atomic_torch_save, atomic_write_text
 
-from ..runs import prepare_run_dir, source_digest
+from ..common.fingerprint import code_digest
+from ..common.runs import prepare_run_dir
 from .config import ImagesConfig, ReferenceStageConfig, TableConfig
 from .data import ImageSplit, to_uint8_rgb
 from .features import (
@@ -28,8 +29,8 @@ from .features import (
 )
 from .tier import REFERENCE_DIR, load_split
 
-#: the modules that decide what the reference stage stores
-REFERENCE_SOURCES: tuple[str, ...] = ("config.py", "data.py", "features.py", "reference.py")
+#: the module that decides what the reference stage stores (with its import closure)
+REFERENCE_MODULE = "replication.images.reference"
 
 
 def reference_images(split: ImageSplit, cfg: ReferenceStageConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
     tic = time.perf_counter()
     run_dir = root / REFERENCE_DIR
     prepare_run_dir(run_dir, {"images": asdict(images), "reference": asdict(cfg),
-                              "code": source_digest(Path(__file__).parent, REFERENCE_SOURCES)})
+                              "code": code_digest([REFERENCE_MODULE])})
     if (run_dir / "reference.json").exists():
         return time.perf_counter() - tic
     split = load_split(images)

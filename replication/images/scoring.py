@@ -112,7 +112,7 @@ def teacher_self_kl(flat_teacher, x0: torch.Tensor, k, seed: int) -> dict:
     ``teacher_logp``: ``KL ~ 0`` up to the ODE error and the Hutchinson noise (in the stderr)."""
     from marflow_core import flow_with_logdet, uniform_grid
 
-    from ..toy2d.metrics import mc_mean, standard_normal_log_prob
+    from ..common.stats import mc_mean, standard_normal_log_prob
     from .kl import teacher_logp
 
     diffs, ses = [], []

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from .evaluate import Interval, paired_delta, seed_interval
+from ..common.stats import Interval, paired_delta, seed_interval
 
 #: metric columns: (column, label, lower is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (

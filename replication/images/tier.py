@@ -19,6 +19,7 @@ from marflow_core import (
     FlowMatchingObjective,
     ReflowPairSampler,
     TimeWindows,
+    TrainConfig,
     TrainResult,
     VelocityTeacher,
     WindowBankSampler,
@@ -31,24 +32,23 @@ from marflow_core import (
 )
 from marflow_core.unet import UNetVelocity
 
-from .. import runs
-from ..runs import prepare_run_dir
-from .config import (
-    ImagesConfig,
-    OptimConfig,
-    StudentConfig,
-    StudentsStageConfig,
-    TeacherStageConfig,
-)
+from ..common import fingerprint
+from ..common.methods import method_module
+from ..common.runs import prepare_run_dir
+from ..common.students import StudentSpec
+from .config import PAIRING_SECTIONS, ImagesConfig, StudentsStageConfig, TeacherStageConfig
 from .data import ImageSplit, load_digits_split, load_image_folder_split, load_mnist_split
 
-#: the tier's modules that decide what training produces (evaluation code is not among them)
-TRAINING_SOURCES: tuple[str, ...] = ("config.py", "data.py", "tier.py")
+#: the tier's module that decides what training produces: a run's code fingerprint is the import
+#: closure of this module and of its student's method module (``replication.common.fingerprint``)
+TRAINING_MODULE = "replication.images.tier"
 TEACHER_DIR, REFERENCE_DIR, STUDENTS_DIR = "teacher", "reference", "students"
 
 
-def source_digest() -> str:
-    return runs.source_digest(Path(__file__).parent, TRAINING_SOURCES)
+def code_digest(student: StudentSpec | None = None) -> str:
+    """The training code a run depends on (the teacher's and the banks' when ``student`` is None)."""
+    extra = [method_module(student.method)] if student is not None else []
+    return fingerprint.code_digest([TRAINING_MODULE, *extra])
 
 
 def load_split(cfg: ImagesConfig) -> ImageSplit:
@@ -101,12 +101,12 @@ def train_teacher(images: ImagesConfig, cfg: TeacherStageConfig, root: Path,
     """Flow-matching training (or resumption) of the teacher into ``root/teacher``."""
     split = load_split(images)
     run_dir = root / TEACHER_DIR
-    prepare_run_dir(run_dir, {"images": asdict(images), "teacher": asdict(cfg), "code": source_digest()})
+    prepare_run_dir(run_dir, {"images": asdict(images), "teacher": asdict(cfg), "code": code_digest()})
     torch.manual_seed(cfg.seed)
     model = make_model(images)
     data = split.train.to(images.device)
-    return train(model, FlowMatchingObjective(), data_batches(data, cfg.batch_size),
-                 cfg.train_config(cfg.seed), run_dir, progress, desc="teacher", meta=teacher_meta(images))
+    return train(model, FlowMatchingObjective(), data_batches(data, cfg.batch_size), cfg.train_config(),
+                 run_dir, progress, desc="teacher", meta=teacher_meta(images), seed=cfg.seed)
 
 
 def load_teacher(images: ImagesConfig, root: Path) -> tuple[UNetVelocity, list[dict]]:
@@ -122,7 +122,7 @@ def load_teacher(images: ImagesConfig, root: Path) -> tuple[UNetVelocity, list[d
 
 # --- students --------------------------------------------------------------------------------------
 
-def student_meta(name: str, seed: int, student: StudentConfig) -> dict:
+def student_meta(name: str, seed: int, student: StudentSpec) -> dict:
     fields = {k: v for k, v in asdict(student).items() if k != "seeds"}
     return {"tier": "images", "student": name, "seed": seed, **fields}
 
@@ -131,31 +131,38 @@ def student_dir(root: Path, name: str, seed: int) -> Path:
     return root / STUDENTS_DIR / "runs" / name / f"seed{seed}"
 
 
-def build_objective(student: StudentConfig, cfg: StudentsStageConfig, images: ImagesConfig,
+def bank_name(student: StudentSpec) -> str:
+    """The bank a student trains on: the pair bank, or the window bank of its window count."""
+    if student.record.pairing == "teacher_pairs":
+        return "reflow_pairs"
+    return f"window_bank_K{student.windows}"
+
+
+def build_objective(student: StudentSpec, cfg: StudentsStageConfig, images: ImagesConfig,
                     teacher_net: UNetVelocity, data: torch.Tensor, root: Path, progress: bool):
-    """(objective, batch_fn) of one student. Reflow trains on the teacher pair bank, PeRFlow on the
-    window bank; both banks are generated once (from ``images.seed``) and shared by all seeds."""
+    """(objective, batch_fn) of one student, by its method's pairing: teacher pairs train on the
+    pair bank, windows on the window bank; both banks are generated once (from ``images.seed``) and
+    shared by all seeds and methods of that pairing."""
     teacher = VelocityTeacher(teacher_net, t_max=cfg.t_max)
     windows = TimeWindows(student.windows)
-    base = {"images": asdict(images), "code": source_digest()}
-    if student.method == "reflow":
+    base = {"images": asdict(images), "code": code_digest()}
+    bank_dir = root / STUDENTS_DIR / "banks" / bank_name(student)
+    if student.record.pairing == "teacher_pairs":
         p = cfg.reflow_pairs
-        bank_dir = root / STUDENTS_DIR / "banks" / "reflow_pairs"
         prepare_run_dir(bank_dir, {**base, "pairs": asdict(p)})
         paths = generate_reflow_pairs(teacher_net, bank_dir, p.n_pairs, p.shard_size,
                                       tuple(teacher_net.sample_shape), base_seed=images.seed,
                                       steps=p.steps, method=p.solver, device=images.device,
-                                      progress=progress)
+                                      progress=progress, batch_size=p.batch_size)
         x0, x1 = load_pairs(paths)
         sampler = ReflowPairSampler(x0.to(images.device), x1.to(images.device), cfg.batch_size)
     else:
         p = cfg.window_bank
-        bank_dir = root / STUDENTS_DIR / "banks" / f"window_bank_K{student.windows}"
         prepare_run_dir(bank_dir, {**base, "bank": asdict(p), "windows": student.windows})
         paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, images.seed, progress)
         bank = {k: v.to(images.device) for k, v in load_window_bank(paths).items()}
         sampler = WindowBankSampler.from_bank(windows, bank, cfg.batch_size)
-    objective = DistillationObjective(sampler, teacher, cfg.student_ma(student))
+    objective = DistillationObjective(sampler, teacher, student.ma_config(cfg.ma), student.record.distance)
     return objective, (lambda step, gen: None)  # the banks are the data
 
 
@@ -163,20 +170,20 @@ def train_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStage
                   teacher_net: UNetVelocity, data: torch.Tensor, progress: bool = True) -> TrainResult:
     """Train (or resume) one ``(student, seed)`` into ``root/students/<name>/seed<seed>``."""
     student = cfg.students[name]
+    used = PAIRING_SECTIONS[student.record.pairing]
     train_keys = {k: v for k, v in asdict(cfg).items()
-                  if k not in ("students", "ma") and not (k == "reflow_pairs" and student.method != "reflow")
-                  and not (k == "window_bank" and student.method != "perflow")}
-    ma = cfg.student_ma(student)
+                  if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == used}
+    ma = student.ma_config(cfg.ma)
     run_dir = student_dir(root, name, seed)
     prepare_run_dir(run_dir, {"images": asdict(images), "student": asdict(student), "seed": seed,
                               "train": train_keys, "ma": asdict(ma) if ma else None,
-                              "code": source_digest(), "teacher": _teacher_digest(root)})
+                              "code": code_digest(student), "teacher": _teacher_digest(root)})
     objective, batch_fn = build_objective(student, cfg, images, teacher_net, data, root, progress)
     model = make_model(images)
     model.load_state_dict(teacher_net.state_dict())
     model.requires_grad_(True)
-    return train(model, objective, batch_fn, cfg.train_config(seed), run_dir, progress,
-                 desc=f"{name} seed {seed}", meta=student_meta(name, seed, student))
+    return train(model, objective, batch_fn, cfg.train_config(), run_dir, progress,
+                 desc=f"{name} seed {seed}", meta=student_meta(name, seed, student), seed=seed)
 
 
 def _teacher_digest(root: Path) -> str:
@@ -205,7 +212,7 @@ def build_banks(images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
     data = load_split(images).train.to(images.device)
     seconds: dict[str, float] = {}
     for student in cfg.students.values():
-        key = "reflow_pairs" if student.method == "reflow" else f"window_bank_K{student.windows}"
+        key = bank_name(student)
         if key not in seconds:
             tic = time.perf_counter()
             build_objective(student, cfg, images, teacher_net, data, root, progress)
@@ -225,5 +232,5 @@ def load_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageC
     return model.eval().requires_grad_(False), TimeWindows(student.windows), state["history"]
 
 
-def optim_summary(cfg: OptimConfig) -> str:
+def optim_summary(cfg: TrainConfig) -> str:
     return f"batch {cfg.batch_size}, {cfg.steps} steps, lr {cfg.lr:g}"

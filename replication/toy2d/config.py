@@ -20,9 +20,8 @@ from marflow_core import (
     TrainConfig,
 )
 
+from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
 from ..config import check_device, require
-
-METHODS: tuple[str, ...] = ("reflow", "perflow")
 
 
 @dataclass
@@ -48,66 +47,32 @@ class Toy2DConfig:
         check_device(self.device, f"{where}.device")
 
 
-@dataclass
-class StudentConfig:
-    method: str
-    windows: int = 1
-    ma: bool = False
-    ma_weight: float | None = None  # overrides toy2d_train.ma.weight for this student
-
-    def validate(self, where: str) -> None:
-        require(self.method in METHODS, f"{where}.method", self.method, f"unknown method; one of {METHODS}")
-        require(self.windows >= 1, f"{where}.windows", self.windows, "K must be >= 1")
-        if self.method == "reflow":
-            require(self.windows == 1, f"{where}.windows", self.windows, "reflow uses K = 1")
-        if self.ma_weight is not None:
-            require(self.ma_weight >= 0, f"{where}.ma_weight", self.ma_weight, "lambda must be >= 0")
-
-    def inactive_fields(self) -> dict[str, str]:
-        return {} if self.ma else {"ma_weight": "this student has ma: false"}
+#: the config section of each pairing (``replication.common.methods``): teacher pairs come from the
+#: pair bank of ``reflow_pairs``, windows are solved online with ``perflow``
+PAIRING_SECTIONS: dict[str, str] = {"teacher_pairs": "reflow_pairs", "windows": "perflow"}
 
 
 @dataclass
-class TrainStageConfig:
-    batch_size: int = 512
-    steps: int = 2000
-    lr: float = 1e-3
-    warmup: int = 0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 500
-    snapshot_every: int = 0
-    log_every: int = 50
+class TrainStageConfig(TrainConfig):
+    """The students' training: the optimizer fields of ``TrainConfig`` plus the model, the pairing
+    sections, the shared MA settings and the students (one seed each: the evaluation notebooks read
+    one run per student)."""
+
     model: TimeMLPConfig = field(default_factory=TimeMLPConfig)
     reflow_pairs: ReflowPairConfig = field(default_factory=ReflowPairConfig)
     perflow: PeRFlowConfig = field(default_factory=PeRFlowConfig)
     ma: MAConfig = field(default_factory=MAConfig)
-    students: dict[str, StudentConfig] = field(default_factory=dict)
-
-    def train_config(self, seed: int) -> TrainConfig:
-        """The library's ``TrainConfig`` for these settings (it validates the optimizer fields)."""
-        return TrainConfig(steps=self.steps, lr=self.lr, seed=seed, warmup=self.warmup,
-                           checkpoint_every=self.checkpoint_every, snapshot_every=self.snapshot_every,
-                           log_every=self.log_every, grad_clip=self.grad_clip)
+    students: dict[str, StudentSpec] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
-        self.train_config(seed=0)  # raises InvalidParameter, mapped to the key path by from_dict
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
-        weights = self.ma.window_weights
-        if weights is not None:
-            for name, student in self.students.items():
-                require(not student.ma or len(weights) == student.windows, f"{where}.ma.window_weights",
-                        weights, f"needs one weight per window; student {name!r} has K = {student.windows}")
+        for name, student in self.students.items():
+            require(len(student.seeds) == 1, f"{where}.students.{name}.seeds", student.seeds,
+                    "the 2-D tier trains one seed per student (its notebooks read one run each)")
+        check_window_weights(self.students, self.ma, where)
 
     def inactive_fields(self) -> dict[str, str]:
-        students = self.students.values()
-        unused = {}
-        if not any(s.ma for s in students):
-            unused["ma"] = "no student has ma: true"
-        for method, key in (("reflow", "reflow_pairs"), ("perflow", "perflow")):
-            if not any(s.method == method for s in students):
-                unused[key] = f"no student has method: {method}"
-        return unused
+        return unused_pairing_sections(self.students, PAIRING_SECTIONS)
 
 
 def _positive(obj, where: str, keys: tuple[str, ...], minimum: int = 1) -> None:
@@ -193,6 +158,5 @@ SECTIONS: dict[str, type] = {
     "tv_bound": TVBoundConfig,
 }
 
-__all__ = ["METHODS", "SECTIONS", "EvalConfig", "Fig1Config", "MixtureConfig",
-           "StudentConfig", "TVBoundConfig", "Toy2DConfig", "TrainStageConfig",
-           "UnderdeterminationConfig"]
+__all__ = ["PAIRING_SECTIONS", "SECTIONS", "EvalConfig", "Fig1Config", "MixtureConfig",
+           "TVBoundConfig", "Toy2DConfig", "TrainStageConfig", "UnderdeterminationConfig"]

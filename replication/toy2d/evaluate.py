@@ -21,16 +21,9 @@ from marflow_core.reflow import teacher_pairs
 from marflow_core.trajectory import WindowBatch
 
 from .config import EvalConfig
-from .metrics import (
-    Estimate,
-    as_row,
-    kl_tv,
-    mc_mean,
-    mmd_rbf,
-    mode_mass,
-    sampler_densities,
-    sliced_wasserstein,
-)
+from ..common.methods import PAIRINGS
+from ..common.stats import Estimate, mc_mean
+from .metrics import as_row, kl_tv, mmd_rbf, mode_mass, sampler_densities, sliced_wasserstein
 from .tier import DIM, TrainedStudent
 
 # Named random streams of the evaluation (children of ``toy2d_eval.seed``, see marflow_core.seeding).
@@ -50,16 +43,19 @@ def reference_samples(teacher: GaussianMixtureTeacher, cfg: EvalConfig, name: st
 
 @torch.no_grad()
 def tm_eval_batch(
-    method: str, windows: TimeWindows, teacher: GaussianMixtureTeacher, cfg: EvalConfig
+    pairing: str, windows: TimeWindows, teacher: GaussianMixtureTeacher, cfg: EvalConfig
 ) -> WindowBatch:
-    """The fresh window batch on which every student of ``method`` with these windows is scored.
+    """The fresh window batch on which every student of a method ``pairing`` with these windows is
+    scored (``replication.common.methods``).
 
-    Reflow: teacher pairs from noise; PeRFlow: online window starts from noised data; both with a
-    fine (``cfg.teacher_steps`` RK4) teacher solve. Every student of one method and window count sees
-    the same batch, so differences between students are paired.
+    Teacher pairs: pairs from noise; windows: online window starts from noised data; both with a
+    fine (``cfg.teacher_steps`` RK4) teacher solve. Every student of one pairing and window count
+    sees the same batch, so differences between students are paired.
     """
     gen = stream(cfg.seed, TM_BATCH)
-    if method == "reflow":
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing = {pairing!r}: unknown; known: {PAIRINGS}")
+    if pairing == "teacher_pairs":
         x0, x1 = teacher_pairs(teacher, cfg.tm_eval_batch, (DIM,), derive_seed(cfg.seed, TM_PAIRS),
                                cfg.teacher_steps, device=teacher.means.device)
         return ReflowPairSampler(x0, x1, cfg.tm_eval_batch)(None, gen)
@@ -70,7 +66,7 @@ def tm_eval_batch(
 @torch.no_grad()
 def tm_losses(student: TrainedStudent, teacher: GaussianMixtureTeacher, cfg: EvalConfig) -> torch.Tensor:
     """``(tm_eval_batch,)`` per-sample trajectory-matching losses on the student's evaluation batch."""
-    wb = tm_eval_batch(student.config.method, student.windows, teacher, cfg)
+    wb = tm_eval_batch(student.config.record.pairing, student.windows, teacher, cfg)
     return trajectory_matching_loss(student.model, wb, per_sample=True)
 
 

@@ -16,35 +16,7 @@ import torch
 
 from marflow_core import GaussianMixtureTeacher, TimeWindows, VelocityField, euler_map_with_logdet
 
-
-@dataclass
-class Estimate:
-    """A Monte-Carlo mean and its standard error."""
-
-    value: float
-    stderr: float
-
-    def __str__(self) -> str:
-        return f"{self.value:.4f} ± {self.stderr:.4f}"
-
-
-def mc_mean(samples: torch.Tensor) -> Estimate:
-    """Mean of i.i.d. ``samples`` and its standard error ``std / sqrt(n)``."""
-    n = samples.numel()
-    return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(n)) if n > 1 else math.nan)
-
-
-def paired_difference(a: torch.Tensor, b: torch.Tensor) -> Estimate:
-    """``mean(a - b)`` with its paired standard error: ``a[i]`` and ``b[i]`` are scored on one sample."""
-    if a.shape != b.shape:
-        raise ValueError(f"a paired difference needs equal shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
-    return mc_mean(a - b)
-
-
-def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: ``log N(x; 0, I)`` for ``x: (B, D)``."""
-    d = x[0].numel()
-    return -0.5 * x.flatten(1).pow(2).sum(-1) - 0.5 * d * math.log(2 * math.pi)
+from ..common.stats import Estimate, mc_mean, standard_normal_log_prob
 
 
 def kl_tv(log_q: torch.Tensor, log_p: torch.Tensor) -> dict[str, Estimate]:

@@ -10,7 +10,6 @@ import torch
 from marflow_core import (
     DistillationObjective,
     GaussianMixtureTeacher,
-    MAConfig,
     PeRFlowSampler,
     ReflowPairSampler,
     TimeMLP,
@@ -19,12 +18,14 @@ from marflow_core import (
     generate_reflow_pairs,
     load_checkpoint,
     load_pairs,
-    train,
 )
+from marflow_core import train as train_loop
 
-from .. import runs
-from ..runs import prepare_run_dir
-from .config import StudentConfig, Toy2DConfig, TrainStageConfig
+from ..common import fingerprint
+from ..common.methods import method_module
+from ..common.runs import prepare_run_dir
+from ..common.students import StudentSpec
+from .config import PAIRING_SECTIONS, Toy2DConfig, TrainStageConfig
 
 DIM = 2
 
@@ -38,89 +39,85 @@ def make_model(train_cfg: TrainStageConfig, device: str = "cpu") -> TimeMLP:
     return TimeMLP.from_config(DIM, train_cfg.model).to(device)
 
 
-def ma_config(train_cfg: TrainStageConfig, student: StudentConfig) -> MAConfig | None:
-    """The shared MA settings, with the student's own ``ma_weight`` if it sets one."""
-    if not student.ma:
-        return None
-    if student.ma_weight is None:
-        return train_cfg.ma
-    return replace(train_cfg.ma, weight=student.ma_weight)
-
-
 @dataclass
 class TrainedStudent:
     name: str
-    config: StudentConfig
+    config: StudentSpec
     model: TimeMLP
     windows: TimeWindows
     history: list[dict[str, float]]
 
 
 def build_objective(
-    student: StudentConfig,
+    student: StudentSpec,
     train_cfg: TrainStageConfig,
     teacher: GaussianMixtureTeacher,
     pair_dir: Path,
     progress: bool = True,
     seed: int = 0,
 ):
-    """(objective, batch_fn) for one student. Reflow reads the pair bank (generated from ``seed``'s
-    ``reflow-shard`` streams); PeRFlow draws fresh data."""
-    windows = TimeWindows(student.windows)
-    if student.method == "reflow":
+    """(objective, batch_fn) for one student, by its method's pairing: teacher pairs read the pair
+    bank (generated from ``seed``'s ``reflow-shard`` streams); windows draw fresh data and solve the
+    teacher online. The method's trajectory distance and the student's MA settings complete it."""
+    record = student.record
+    if record.pairing == "teacher_pairs":
         p = train_cfg.reflow_pairs
         device = teacher.means.device
         paths = generate_reflow_pairs(teacher, pair_dir, p.n_pairs, p.shard_size, (DIM,),
                                       base_seed=seed, steps=p.steps, method=p.solver, device=device,
-                                      progress=progress)
+                                      progress=progress, batch_size=p.batch_size)
         x0, x1 = load_pairs(paths)
-        sampler = ReflowPairSampler(x0.to(teacher.means.device), x1.to(teacher.means.device),
-                                    train_cfg.batch_size)
+        sampler = ReflowPairSampler(x0.to(device), x1.to(device), train_cfg.batch_size)
         batch_fn = lambda step, gen: None  # noqa: E731  (the pair bank is the data)
     else:
-        p = train_cfg.perflow
-        sampler = PeRFlowSampler.from_config(windows, teacher, p)
+        sampler = PeRFlowSampler.from_config(TimeWindows(student.windows), teacher, train_cfg.perflow)
         batch_fn = lambda step, gen: teacher.sample(train_cfg.batch_size, 1.0, gen)  # noqa: E731
-    return DistillationObjective(sampler, teacher, ma_config(train_cfg, student)), batch_fn
+    objective = DistillationObjective(sampler, teacher, student.ma_config(train_cfg.ma), record.distance)
+    return objective, batch_fn
 
 
-#: the tier's modules that decide what training produces (evaluation code is not among them, so
-#: editing a metric re-runs the evaluation stages without retraining)
-TRAINING_SOURCES: tuple[str, ...] = ("config.py", "tier.py")
+#: the tier's module that decides what training produces: the code fingerprint of a run is the import
+#: closure of this module and of the student's method module (``replication.common.fingerprint``), so
+#: editing a metric re-runs evaluation without retraining, and a new method retrains no other student
+TRAINING_MODULE = "replication.toy2d.tier"
 
 
-def source_digest() -> str:
-    """The library's and this tier's training code (``runs.source_digest``)."""
-    return runs.source_digest(Path(__file__).parent, TRAINING_SOURCES)
+def code_digest(student: StudentSpec | None = None) -> str:
+    """The training code a run depends on (the pair bank's when ``student`` is None)."""
+    extra = [method_module(student.method)] if student is not None else []
+    return fingerprint.code_digest([TRAINING_MODULE, *extra])
 
 
 def train_student(
     name: str,
-    student: StudentConfig,
+    student: StudentSpec,
     train_cfg: TrainStageConfig,
     toy: Toy2DConfig,
     checkpoint_root: Path,
     progress: bool = True,
 ):
-    """Train (or resume) one student into ``checkpoint_root/<name>/``; same init seed for every student."""
+    """Train (or resume) one student into ``checkpoint_root/<name>/``: its seed initialises the
+    model and drives its steps; the pair bank comes from ``toy.seed``."""
     teacher = make_teacher(toy)
-    base = {"toy2d": asdict(toy), "code": source_digest()}
     pair_dir = checkpoint_root / "reflow_pairs"
-    if student.method == "reflow":
-        prepare_run_dir(pair_dir, {**base, "pairs": asdict(train_cfg.reflow_pairs)})
+    pairing = student.record.pairing
+    if pairing == "teacher_pairs":
+        prepare_run_dir(pair_dir, {"toy2d": asdict(toy), "code": code_digest(),
+                                   "pairs": asdict(train_cfg.reflow_pairs)})
+    train = {k: v for k, v in asdict(train_cfg).items()
+             if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == PAIRING_SECTIONS[pairing]}
+    (seed,) = student.seeds
     prepare_run_dir(checkpoint_root / name, {
-        **base, "student": asdict(student),
-        "train": {k: v for k, v in asdict(train_cfg).items()
-                  if k != "students" and (k != "ma" or student.ma)}})
+        "toy2d": asdict(toy), "code": code_digest(student), "student": asdict(student),
+        "train": train, "ma": asdict(train_cfg.ma) if student.ma else None})
     objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress, toy.seed)
-    torch.manual_seed(toy.seed)
+    torch.manual_seed(seed)
     model = make_model(train_cfg, toy.device)
-    result = train(model, objective, batch_fn, train_cfg.train_config(toy.seed),
-                   checkpoint_root / name, progress, desc=name, meta=student_meta(name, student))
-    return result
+    return train_loop(model, objective, batch_fn, train_cfg.train_config(), checkpoint_root / name,
+                      progress, desc=name, meta=student_meta(name, student), seed=seed)
 
 
-def student_meta(name: str, student: StudentConfig) -> dict:
+def student_meta(name: str, student: StudentSpec) -> dict:
     """What a checkpoint of this student must have been made for (checked on every load)."""
     return {"tier": "toy2d", "student": name, **asdict(student)}
 
@@ -137,12 +134,14 @@ LOSS_LABELS = {"tm": "trajectory matching L_TM", "ma": "MA surrogate L_MA"}
 
 
 def loss_curves(histories: dict[str, list[dict[str, float]]]):
-    """Long-format frame (student, step, term, value) of the logged ``tm`` and ``ma`` losses."""
+    """Long-format frame (student, step, term, value) of every logged loss part but ``total``
+    (``tm`` and ``ma`` under their ``LOSS_LABELS``, any other part under its own name)."""
     import pandas as pd
 
-    rows = [{"student": name, "step": record["step"], "term": label, "value": record[part]}
+    rows = [{"student": name, "step": record["step"], "term": LOSS_LABELS.get(part, part),
+             "value": value}
             for name, history in histories.items() for record in history
-            for part, label in LOSS_LABELS.items() if part in record]
+            for part, value in record.items() if part not in ("step", "total")]
     return pd.DataFrame(rows)
 
 

@@ -18,7 +18,8 @@ import torch
 from marflow_core import GaussianMixtureTeacher, ma_value_estimate, stream
 
 from .config import TVBoundConfig
-from .metrics import Estimate, kl_tv, mc_mean, sampler_densities, window_densities
+from ..common.stats import Estimate, mc_mean
+from .metrics import kl_tv, sampler_densities, window_densities
 from .tier import DIM, TrainedStudent
 
 WINDOW_START, FINAL_NOISE = "window-start", "eval-noise"

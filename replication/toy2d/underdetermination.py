@@ -27,14 +27,8 @@ from marflow_core import (
 
 from .config import EvalConfig, TrainStageConfig, UnderdeterminationConfig
 from .evaluate import eval_noise, tm_eval_batch
-from .metrics import (
-    Estimate,
-    kl_tv,
-    mc_mean,
-    paired_difference,
-    sampler_densities,
-    standard_normal_log_prob,
-)
+from ..common.stats import Estimate, mc_mean, paired_difference, standard_normal_log_prob
+from .metrics import kl_tv, sampler_densities
 from .tier import load_student
 
 TEACHER, ROTATED, SHIFTED = "teacher T", "rotated T(R x0)", "shifted T(x0) + c"
@@ -125,15 +119,15 @@ def score_snapshots(
 ) -> list[SnapshotScore]:
     """Every ``step_*.pt`` snapshot of ``cfg.students``, in step order."""
     x0 = eval_noise(eval_cfg, cfg.n_samples, device)
-    batches = {}  # one shared TM batch per (method, K): differences between snapshots are paired
+    batches = {}  # one shared TM batch per (pairing, K): differences between snapshots are paired
     scores = []
     for name in cfg.students:
         for path in sorted((checkpoint_root / name).glob("step_*.pt")):
             student = load_student(name, train_cfg, checkpoint_root, path.name, device=device)
             dens = sampler_densities(student.model, student.windows, cfg.nfe, x0, teacher)
-            key = (student.config.method, student.windows.n_windows)
+            key = (student.config.record.pairing, student.windows.n_windows)
             if key not in batches:
-                batches[key] = tm_eval_batch(*key[:1], student.windows, teacher, eval_cfg)
+                batches[key] = tm_eval_batch(key[0], student.windows, teacher, eval_cfg)
             with torch.no_grad():
                 per_sample = trajectory_matching_loss(student.model, batches[key], per_sample=True)
             scores.append(SnapshotScore(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameter
+from marflow_core.errors import InvalidParameter
 
 PREDICTION_TYPES: tuple[str, ...] = ("diff_eps", "ddim_eps", "velocity")
 EPS_PREDICTION_TYPES: tuple[str, ...] = ("diff_eps", "ddim_eps")

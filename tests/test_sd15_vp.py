@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from marflow_core.errors import InvalidParameter
-from marflow_core.vp import (
+from marflow_core.windows import segment_velocity
+from replication.sd15.vp import (
     EpsWindowConfig,
     VPSchedule,
     abar_at,
@@ -30,7 +31,6 @@ from marflow_core.vp import (
     window_end_from_eps,
     window_index_of_tau,
 )
-from marflow_core.windows import segment_velocity
 
 F64 = torch.float64
 

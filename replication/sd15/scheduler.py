@@ -4,7 +4,7 @@
 ``scheduler_config.json`` loads with ``from_config`` / ``from_pretrained`` and samples the same
 trajectory, and it plugs into any diffusers pipeline (``set_timesteps``, ``step``,
 ``scale_model_input``, ``add_noise``, ``init_noise_sigma``, ``order``). Every coefficient comes from
-``marflow_core.vp``.
+``replication.sd15.vp``.
 
 Sampling with ``N >= K`` steps: window ``i`` (from the noise end) gets ``N // K`` steps, plus one
 for the first ``N % K`` windows; its timesteps are ``floor(T * linspace(start, end, n, endpoint=False))``
@@ -29,7 +29,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .errors import InvalidParameter
+from marflow_core.errors import InvalidParameter
+
 from .vp import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,

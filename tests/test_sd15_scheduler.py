@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from marflow_core.errors import InvalidParameter
-from marflow_core.scheduler import PeRFlowScheduler
-from marflow_core.vp import sd15_alphas_cumprod, student_target, teacher_window_solve
+from replication.sd15.scheduler import PeRFlowScheduler
+from replication.sd15.vp import sd15_alphas_cumprod, student_target, teacher_window_solve
 
 F64 = torch.float64
 T = 1000
