@@ -144,16 +144,19 @@ def divergence_fn(
     like: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     fd_step: float = 1e-3,
+    probes: torch.Tensor | None = None,
 ) -> DivergenceFn:
     """The ``(x, t) -> (v, div)`` function of divergence ``kind``; Hutchinson probes ``(P, B, ...)``
     are drawn once here (shaped like ``like``) and stay fixed for every call, e.g. over an ODE solve.
-    ``fd_step`` is the finite-difference step of ``hutchinson_fd``."""
+    ``fd_step`` is the finite-difference step of ``hutchinson_fd``. Given ``probes`` (``(P, B, ...)``,
+    e.g. drawn per sample by the caller) are used instead of drawing from ``generator``."""
     if kind == "exact":
         return lambda x, t: exact_divergence(field, x, t, create_graph)
     if kind in ("hutchinson", "hutchinson_fd"):
-        if like is None:
+        if like is None and probes is None:
             raise ValueError("Hutchinson divergence needs `like` to size its probes")
-        probes = sample_probes(like, n_probes, probe_kind, generator)
+        if probes is None:
+            probes = sample_probes(like, n_probes, probe_kind, generator)
         if kind == "hutchinson_fd":
             return lambda x, t: finite_difference_divergence(field, x, t, probes, fd_step, create_graph)
         return lambda x, t: hutchinson_divergence(field, x, t, probes, create_graph)

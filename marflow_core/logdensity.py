@@ -45,13 +45,16 @@ def flow_with_logdet(
     create_graph: bool = False,
     generator: torch.Generator | None = None,
     fd_step: float = 1e-3,
+    probes: torch.Tensor | None = None,
 ) -> FlowWithLogDet:
     """Solve the augmented ODE ``d(x, L)/ds = (v, div v)`` over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``).
 
-    Probes (Hutchinson) stay fixed over the solve. With ``create_graph`` the result is differentiable
+    Probes (Hutchinson) stay fixed over the solve; ``probes`` ``(P, B, ...)``, when given, are used
+    instead of drawing them from ``generator``. With ``create_graph`` the result is differentiable
     in the field's parameters (training); otherwise it is detached step by step (evaluation).
     """
-    div = divergence_fn(field, divergence, n_probes, probe_kind, create_graph, x0, generator, fd_step)
+    div = divergence_fn(field, divergence, n_probes, probe_kind, create_graph, x0, generator, fd_step,
+                        probes)
 
     def dynamics(state, t):
         return div(state[0], t)

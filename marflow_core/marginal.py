@@ -103,10 +103,17 @@ def ma_surrogate(
     wb: WindowBatch,
     config: MAConfig,
     generator: torch.Generator | None = None,
+    probes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scalar surrogate (B) averaged over the batch: ``-L - <sg(s_T(y, t_end)), y>``, over ``d`` if normalized."""
+    """Scalar surrogate (B) averaged over the batch: ``-L - <sg(s_T(y, t_end)), y>``, over ``d`` if normalized.
+
+    Hutchinson probes are drawn from ``generator``, or are the given ``probes`` ``(P, B, ...)`` (one
+    column per row of ``wb``; a caller that draws them per sample, e.g. for a batch split over
+    processes)."""
     if config.batch_fraction < 1:
         wb = wb.head(math.ceil(config.batch_fraction * wb.x_start.shape[0]))
+        if probes is not None:
+            probes = probes[:, : wb.x_start.shape[0]]
     x = wb.x_start.detach()
     grid = uniform_grid(wb.t_start, wb.t_end, config.substeps, x)
     if config.logdet == "discrete":
@@ -114,7 +121,7 @@ def ma_surrogate(
     else:
         flow = flow_with_logdet(
             model, x, grid, config.solver, config.divergence, config.n_probes, config.probe_kind,
-            create_graph=True, generator=generator, fd_step=config.fd_step,
+            create_graph=True, generator=generator, fd_step=config.fd_step, probes=probes,
         )
     with torch.no_grad():
         score = teacher.score(flow.x.detach(), wb.t_end)

@@ -24,15 +24,18 @@ SHARD_STREAM = "reflow-shard"
 
 @dataclass
 class ReflowPairConfig:
-    """A pair bank: ``n_pairs`` teacher pairs in shards of ``shard_size``, ``steps`` of ``solver``."""
+    """A pair bank: ``n_pairs`` teacher pairs in shards of ``shard_size``, ``steps`` of ``solver``;
+    ``batch_size`` rows go through each teacher solve (memory and speed; the pairs are the same up
+    to floating-point rounding)."""
 
     n_pairs: int = 20000
     shard_size: int = 5000
     steps: int = 32
     solver: str = "rk4"
+    batch_size: int = 4096
 
     def __post_init__(self) -> None:
-        for key in ("n_pairs", "shard_size", "steps"):
+        for key in ("n_pairs", "shard_size", "steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise InvalidParameter(key, getattr(self, key), "must be >= 1")
         if self.solver not in FIXED_METHODS:
@@ -86,7 +89,7 @@ def generate_reflow_pairs(
     10 to 12 pairs regenerates its partial last shard); the teacher itself is not checked.
     ``batch_size`` rows go through each teacher solve.
     """
-    ReflowPairConfig(n_pairs, shard_size, steps, method)  # the one copy of the checks
+    ReflowPairConfig(n_pairs, shard_size, steps, method, batch_size)  # the one copy of the checks
 
     def make_shard(seed: int, size: int) -> dict[str, torch.Tensor]:
         x0, x1 = teacher_pairs(teacher, size, dim_shape, seed, steps, method, batch_size, dtype, device)

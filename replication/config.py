@@ -56,9 +56,40 @@ def check_device(device: str, where: str) -> None:
         require(index < count, where, device, f"this machine has {count} CUDA device(s)")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The whole ``params.yaml`` as a dict; a missing or unparsable file raises ``ConfigError``."""
-    path = Path(path)
+#: profile overlays: ``replication/profiles/<name>.yaml``, merged over ``params.yaml`` at load time
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+DEFAULT_PROFILE = "default"
+
+
+def profile_path(name: str, profiles_dir: Path = PROFILES_DIR) -> Path:
+    """The overlay file of profile ``name``; an unknown name raises ``ConfigError`` listing the known."""
+    path = Path(profiles_dir) / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        raise ConfigError(f"profile = {name!r}: no {path}; known profiles: {known}")
+    return path
+
+
+def load_params(path: str | Path = "params.yaml", overlay: bool = True,
+                profiles_dir: Path = PROFILES_DIR) -> dict[str, Any]:
+    """A params file as a dict, with its profile's overlay merged in.
+
+    A file whose top-level ``profile`` names a profile other than ``default`` gets
+    ``replication/profiles/<profile>.yaml`` deep-merged over it (``overlay=False``: the file as
+    written), so switching profile changes one line of ``params.yaml`` and nothing else. A missing
+    or unparsable file raises ``ConfigError``."""
+    data = _read_mapping(Path(path))
+    name = data.get("profile", DEFAULT_PROFILE)
+    if overlay and name != DEFAULT_PROFILE:
+        extra = _read_mapping(profile_path(name, profiles_dir))
+        require("profile" not in extra, f"{profile_path(name, profiles_dir).name}: profile", extra.get("profile"),
+                "an overlay does not set the profile (params.yaml does)")
+        data = deep_merge(data, extra)
+    return data
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; a missing or unparsable file raises ``ConfigError``."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file (run from the repository root, or pass "
                           f"--params PATH)")

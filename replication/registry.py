@@ -24,14 +24,16 @@ from typing import Any
 
 from .config import ConfigError, from_dict, require
 
-#: harness files every stage depends on (``dvc.yaml`` lists them; a test checks it)
+#: harness files and shared folders every notebook stage depends on (``dvc.yaml`` lists them, with
+#: the active profile's overlay ``replication/profiles/${profile}.yaml``; a test checks it)
 HARNESS_FILES: tuple[str, ...] = (
     "replication/config.py",
     "replication/notebook.py",
     "replication/registry.py",
     "replication/reproducible.py",
-    "replication/runs.py",
     "replication/stage.py",
+    "replication/common",
+    "replication/methods",
 )
 #: top-level ``params.yaml`` keys that belong to no tier
 GLOBAL_KEYS: tuple[str, ...] = ("profile",)
@@ -133,9 +135,11 @@ def _check_unique(found: dict[str, Tier]) -> None:
                 owners[name] = tier.name
 
 
-def sections() -> dict[str, type]:
-    """Every params section of every tier: name -> dataclass."""
-    return {name: cls for tier in tiers().values() for name, cls in tier.sections.items()}
+def sections(params_file: str | None = None) -> dict[str, type]:
+    """Every params section of every tier (of the tiers whose sections live in ``params_file``):
+    name -> dataclass."""
+    return {name: cls for tier in tiers().values() for name, cls in tier.sections.items()
+            if params_file is None or tier.params_file == params_file}
 
 
 def stages() -> dict[str, Stage]:

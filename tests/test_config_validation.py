@@ -15,7 +15,8 @@ from replication.config import ConfigError, load_params
 from replication.profile import apply_profile
 from replication.stage import main
 
-STAGES = registry.stages()
+STAGES = {name: s for name, s in registry.stages().items()
+          if registry.tier_of(name).params_file == "params.yaml"}  # the CPU tiers (root dvc.yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +28,22 @@ def params() -> dict:
 
 def test_committed_params_and_profiles_are_valid(params, tmp_path):
     registry.validate_all(params)
-    for name in registry.sections():
+    for name in registry.sections("params.yaml"):
         registry.section(params, name)
     for stage in STAGES.values():
         stage.validate(params)
     tiny_path = tmp_path / "params.yaml"
-    tiny_path.write_text((ROOT / "params.yaml").read_text())
+    original = (ROOT / "params.yaml").read_text()
+    tiny_path.write_text(original)
     merged = apply_profile("tiny", tiny_path, ROOT / "replication" / "profiles")
     assert merged["profile"] == "tiny"
     assert load_params(tiny_path)["toy2d_train"]["steps"] < params["toy2d_train"]["steps"]
+    # the switch is one line: every comment and every other line of params.yaml stays as it was
+    changed = [(a, b) for a, b in zip(original.splitlines(), tiny_path.read_text().splitlines(),
+                                      strict=True) if a != b]
+    assert changed == [("profile: default", "profile: tiny")]
+    apply_profile("default", tiny_path, ROOT / "replication" / "profiles")
+    assert tiny_path.read_text() == original
 
 
 BAD_VALUES = [
@@ -119,6 +127,7 @@ def test_dvc_stages_match_the_registry():
         assert stage["cmd"] == f"python -m replication.stage {name}"
         assert spec.notebook in stage["deps"], f"{name}: notebook is not a dependency"
         assert set(registry.HARNESS_FILES) <= set(stage["deps"]), f"{name}: harness files missing"
+        assert "replication/profiles/${profile}.yaml" in stage["deps"], f"{name}: profile overlay"
         assert f"replication/{owner[name].name}" in stage["deps"], f"{name}: tier folder missing"
         assert set(stage["params"]) == {"profile", *spec.sections}, f"{name}: params sections differ"
         assert (ROOT / spec.notebook).exists()

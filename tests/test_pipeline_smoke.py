@@ -29,19 +29,12 @@ import nbformat
 import pytest
 import yaml
 
+from replication.config import load_params
 from replication.registry import tiers
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=marflow-test", "-c", "user.email=test@invalid", "-c",
        "commit.gpgsign=false"]
-
-
-def _project_files() -> list[str]:
-    """Tracked and untracked-but-not-ignored files, without the committed results."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split("\n")
-    return [f for f in out if f and not f.startswith("results/") and f != "dvc.lock"
-            and (ROOT / f).is_file()]
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -133,16 +126,17 @@ def _check_claims(repo: Path, params: dict) -> None:
         assert abs(pair["tm_difference"]) <= pair["within_se"] * pair["tm_difference_paired_se"]
 
 
-def _tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
+    """One scratch copy of the project on the tiny profile, shared by the tiers' smoke runs (each
+    runs only its own tier's stages; the tiers share no stage and no output)."""
     if shutil.which("git") is None or shutil.which("dvc") is None:
         pytest.fail("git and dvc must be installed (see README)")
-    repo = tmp_path / "repo"
-    for rel in _project_files():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, repo / rel)
-    _run(["git", "init", "-q"], repo)
-    _run([sys.executable, "-m", "replication.profile", "tiny"], repo)
-    return repo, yaml.safe_load((repo / "params.yaml").read_text())
+    repo = tmp_path_factory.mktemp("smoke") / "repo"
+    _run([sys.executable, "-m", "replication.profile", "tiny", "--scratch", str(repo)], ROOT)
+    assert (repo / "params.yaml").read_text() != (ROOT / "params.yaml").read_text()
+    assert not (ROOT / "params.yaml").read_text().count("profile: tiny")  # the work tree is untouched
+    return repo, load_params(repo / "params.yaml", profiles_dir=repo / "replication" / "profiles")
 
 
 def _tier_stages(tier: str) -> list[str]:
@@ -150,9 +144,9 @@ def _tier_stages(tier: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tiny_profile_pipeline_end_to_end(tmp_path):
+def test_tiny_profile_pipeline_end_to_end(tiny_repo):
     """The 2-D tier's stages: killed and resumed, claims, no-op rerun, `repro -f` and retrain clean."""
-    repo, params = _tiny_repo(tmp_path)
+    repo, params = tiny_repo
     stages = _tier_stages("toy2d")
 
     _kill_during_training(repo, stages)
@@ -212,11 +206,11 @@ def _check_image_claims(repo: Path, params: dict) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_profile_image_tier_end_to_end(tmp_path):
+def test_tiny_profile_image_tier_end_to_end(tiny_repo):
     """The image tier's stages: every output, the table's claims, a no-op rerun, `dvc status` clean
     (evaluation writes nothing into its inputs), and a forced re-evaluation that leaves the committed
     tree byte-identical."""
-    repo, params = _tiny_repo(tmp_path)
+    repo, params = tiny_repo
     stages = _tier_stages("images")
 
     _run(["dvc", "repro", *stages], repo)  # (killed-and-resumed training: test_reliability.py)

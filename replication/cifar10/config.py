@@ -1,32 +1,50 @@
-"""The CIFAR-10 tier's parameters: one dataclass per section, loaded with ``replication.config.from_dict``.
+"""The CIFAR-10 tier's params sections (in ``replication/gpu/params.yaml``), one dataclass each.
 
-The paper-scale values (``gpu.yaml`` next to this file) follow the rectified-flow CIFAR-10 protocol
-where it is known: 50,000-sample FID against the training set at 1, 2 and 4 NFE, compared with the
-numbers in ``replication/references/peers.yaml``. The teacher is a diffusers ``UNet2DModel``
-(DDPM's CIFAR-10 layout, ~36M parameters), not the NCSN++ of Liu et al., so its numbers are
-comparable in protocol, not in architecture.
+``cifar10`` (seed, device, paths, data, UNet), ``cifar10_teacher`` (its flow-matching training),
+``cifar10_pairs`` (the reflow pair bank), ``cifar10_students`` (the students' training, their
+PeRFlow window solve and MA settings) and ``cifar10_fid``. Library settings are the library's own
+dataclasses (``UNetConfig``, ``TrainConfig``, ``ReflowPairConfig``, ``PeRFlowConfig``, ``MAConfig``),
+which validate themselves; students are the shared ``StudentSpec``.
+
+The paper-scale values follow the rectified-flow CIFAR-10 protocol where it is known: 50,000-sample
+FID against the training set at 1, 2 and 4 NFE, compared with the numbers in
+``replication/references/peers.yaml``. The teacher is a diffusers ``UNet2DModel`` in DDPM's CIFAR-10
+layout (~36M parameters), not the NCSN++ of Liu et al., so its numbers are comparable in protocol,
+not in architecture.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
+from marflow_core import InvalidParameter, MAConfig, PeRFlowConfig, ReflowPairConfig, TrainConfig
+from marflow_core.unet import UNetConfig
 
-from marflow_core import MAConfig
-from marflow_core.solvers import FIXED_METHODS
+from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
+from ..config import check_device, require
 
-from ..config import from_dict, require
+SIZE, CHANNELS = 32, 3
+OUTPUTS = "replication/gpu/outputs/cifar10"
+CHECKPOINTS = f"{OUTPUTS}/checkpoints"
 
-METHODS: tuple[str, ...] = ("reflow", "perflow")
+#: the config of each pairing (``replication.common.methods``): teacher pairs are the bank of the
+#: ``cifar10_pairs`` section (its own stage), windows are solved online with ``cifar10_students.perflow``
+PAIRING_SECTIONS: dict[str, str] = {"teacher_pairs": "cifar10_pairs", "windows": "perflow"}
+
+
+def ddpm_unet() -> UNetConfig:
+    """DDPM's CIFAR-10 UNet (Ho et al., 2020): 128-256-256-256, single-head attention at 16x16,
+    two ResNet blocks per level, dropout 0.1."""
+    return UNetConfig(widths=[128, 256, 256, 256], attention_levels=[1], layers_per_block=2,
+                      norm_groups=32, attention_head_dim=None, dropout=0.1)
 
 
 @dataclass
 class DataConfig:
-    """``root`` holds ``cifar-10-batches-py/``; the first ``n_train`` training images are used."""
+    """``root`` holds ``cifar-10-batches-py/``; the first ``n_train`` training images are used, each
+    flipped horizontally with probability 1/2 when ``hflip``."""
 
-    root: str = "data/cifar10"
+    root: str = "replication/gpu/inputs/cifar10"
     n_train: int = 50000
     hflip: bool = True
 
@@ -35,92 +53,85 @@ class DataConfig:
 
 
 @dataclass
-class UNetConfig:
-    """A diffusers ``UNet2DModel`` on 32x32x3; ``attention[i]`` puts attention in level ``i``."""
+class Cifar10Config:
+    """Section ``cifar10``, read by every stage. ``seed`` seeds the teacher's run, the pair bank and
+    the FID noise (each student has its own ``seeds``); ``device`` must exist on this machine;
+    checkpoints, the pair bank and the FID feature cache go under ``checkpoint_dir``, ``fid.json``
+    and the sample grids under ``out_dir``."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
-    attention: list[bool] = field(default_factory=lambda: [False, True, False, False])
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    dropout: float = 0.1
-    time_scale: float = 999.0
+    seed: int = 0
+    device: str = "cuda"
+    checkpoint_dir: str = CHECKPOINTS
+    out_dir: str = f"{OUTPUTS}/results"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=ddpm_unet)
 
     def validate(self, where: str) -> None:
-        require(len(self.attention) == len(self.block_out_channels), f"{where}.attention",
-                self.attention, f"one flag per level ({len(self.block_out_channels)})")
-        require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-                f"{where}.block_out_channels", self.block_out_channels,
-                f"each must be divisible by norm_num_groups={self.norm_num_groups}")
-        require(self.layers_per_block >= 1, f"{where}.layers_per_block", self.layers_per_block, ">= 1")
-        require(0 <= self.dropout < 1, f"{where}.dropout", self.dropout, "in [0, 1)")
-        require(self.time_scale > 0, f"{where}.time_scale", self.time_scale, "> 0")
+        check_device(self.device, f"{where}.device")
+        try:
+            self.model.check_size(SIZE)
+        except InvalidParameter as err:
+            require(False, f"{where}.model.{err.key}", err.value, err.why)
 
 
 @dataclass
-class OptimConfig:
-    """``steps`` Adam steps of ``batch_size`` at ``lr`` (warm-up, clipping, checkpoints)."""
+class TeacherConfig(TrainConfig):
+    """Section ``cifar10_teacher``: flow-matching training of the teacher (1-rectified flow)."""
 
     steps: int = 200000
-    batch_size: int = 128
     lr: float = 2e-4
     warmup: int = 5000
-    grad_clip: float = 1.0
     checkpoint_every: int = 5000
     log_every: int = 100
 
-    def validate(self, where: str) -> None:
-        for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), ">= 1")
-        require(self.lr > 0, f"{where}.lr", self.lr, "> 0")
-        require(self.warmup >= 0, f"{where}.warmup", self.warmup, ">= 0")
-
 
 @dataclass
-class PairsConfig:
-    """Reflow pairs ``(x0, Phi^T(x0))``: ``n_pairs`` in shards, ``steps`` of ``solver``."""
+class StudentsConfig(TrainConfig):
+    """Section ``cifar10_students``: every student starts from the teacher's weights and trains with
+    these optimizer settings. ``perflow``: the online window solve of PeRFlow students (starts from
+    noised data); ``ma``: the MA settings shared by every student with ``ma: true`` (a student may
+    override ``weight`` and ``substeps``), scored by the teacher cut off at ``t_max``."""
 
-    n_pairs: int = 200000
-    shard_size: int = 10000
-    steps: int = 32
-    solver: str = "rk4"
-    batch_size: int = 1000
-
-    def validate(self, where: str) -> None:
-        for key in ("n_pairs", "shard_size", "steps", "batch_size"):
-            require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), ">= 1")
-        require(self.solver in FIXED_METHODS, f"{where}.solver", self.solver, f"one of {FIXED_METHODS}")
-
-
-@dataclass
-class StudentConfig:
-    """One student: ``reflow`` (pairs, ``windows = 1``) or ``perflow`` (``windows`` K, teacher solve of
-    ``teacher_steps`` M steps from noised data); ``ma_weight`` > 0 adds the MA term."""
-
-    method: str = "perflow"
-    windows: int = 4
-    teacher_steps: int = 8
-    teacher_solver: str = "euler"
-    ma_weight: float = 0.0
+    steps: int = 50000
+    lr: float = 5e-5
+    checkpoint_every: int = 5000
+    log_every: int = 100
+    t_max: float = 0.99
+    perflow: PeRFlowConfig = field(default_factory=lambda: PeRFlowConfig(teacher_steps=8, solver="euler"))
+    ma: MAConfig = field(default_factory=lambda: MAConfig(weight=0.1, substeps=1, divergence="hutchinson_fd"))
+    students: dict[str, StudentSpec] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        require(self.method in METHODS, f"{where}.method", self.method, f"one of {METHODS}")
-        require(self.windows >= 1, f"{where}.windows", self.windows, ">= 1")
-        require(self.method == "perflow" or self.windows == 1, f"{where}.windows", self.windows,
-                "reflow has one window")
-        require(self.teacher_steps >= 1, f"{where}.teacher_steps", self.teacher_steps, ">= 1")
-        require(self.teacher_solver in FIXED_METHODS, f"{where}.teacher_solver", self.teacher_solver,
-                f"one of {FIXED_METHODS}")
-        require(self.ma_weight >= 0, f"{where}.ma_weight", self.ma_weight, ">= 0")
+        require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
+        for name in self.students:
+            require(name != "teacher" and name.isidentifier(), f"{where}.students.{name}", name,
+                    "a Python identifier other than 'teacher' (FID rows are keyed by it)")
+        require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "must lie in (0, 1)")
+        check_window_weights(self.students, self.ma, where)
+
+    def inactive_fields(self) -> dict[str, str]:
+        unused = unused_pairing_sections(self.students, PAIRING_SECTIONS)
+        own = {key: why for key, why in unused.items() if key in ("perflow", "ma")}
+        if "ma" in own:
+            own["t_max"] = "only the MA term uses the teacher's score (no student has ma: true)"
+        return own
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every ``(student, seed)`` training run, in order."""
+        return [(name, seed) for name, s in self.students.items() for seed in s.seeds]
 
 
 @dataclass
 class FIDConfig:
-    """FID of ``n_samples`` samples per model and NFE against the first ``n_reference`` training images.
+    """Section ``cifar10_fid``: FID of ``n_samples`` Euler samples per model and NFE against the first
+    ``n_reference`` training images; ``batch_size`` samples are generated at a time (torch-fidelity
+    reads at most 200 at a time).
 
+    ``nfe``: the students' step counts; ``teacher_nfe``: the teacher's (for reference).
     ``feature_extractor`` is a torch-fidelity extractor name; on a machine without network pass the
     local Inception weights file (``pt_inception-2015-12-05-6726825d.pth``) as
-    ``feature_extractor_weights_path``. ``teacher_nfe``: Euler NFEs of the teacher for reference. ``save_cpu_ram``: torch-fidelity
-    reads images in the main process (no loader workers; for small CPU runs).
+    ``feature_extractor_weights_path``. ``grid_images``: samples in each saved grid (0: none).
+    ``save_cpu_ram``: torch-fidelity reads images in the main process (no loader workers).
     """
 
     n_samples: int = 50000
@@ -137,42 +148,17 @@ class FIDConfig:
         for key in ("n_samples", "n_reference", "batch_size"):
             require(getattr(self, key) >= 2, f"{where}.{key}", getattr(self, key), ">= 2")
         require(self.n_reference <= 50000, f"{where}.n_reference", self.n_reference, "<= 50000")
-        require(all(n >= 1 for n in self.nfe + self.teacher_nfe), f"{where}.nfe", self.nfe, "each >= 1")
+        for key in ("nfe", "teacher_nfe"):
+            require(all(n >= 1 for n in getattr(self, key)), f"{where}.{key}", getattr(self, key),
+                    "each >= 1")
+        require(len(self.nfe) >= 1, f"{where}.nfe", self.nfe, "at least one step count")
         require(self.grid_images >= 0, f"{where}.grid_images", self.grid_images, ">= 0")
 
 
-@dataclass
-class Cifar10Config:
-    """The whole tier. ``ma`` holds the MA settings shared by every student with ``ma_weight`` > 0
-    (its own ``weight`` is replaced by the student's); ``t_max`` is the teacher-score cutoff."""
-
-    seed: int = 0
-    device: str = "cuda"
-    checkpoint_dir: str = "checkpoints/cifar10"
-    out_dir: str = "results/cifar10"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: UNetConfig = field(default_factory=UNetConfig)
-    teacher: OptimConfig = field(default_factory=OptimConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    student_optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=50000, lr=5e-5, warmup=0))
-    students: dict[str, StudentConfig] = field(default_factory=dict)
-    ma: MAConfig = field(default_factory=lambda: MAConfig(weight=0.1, substeps=1, divergence="hutchinson_fd",
-                                                          n_probes=1))
-    t_max: float = 0.99
-    fid: FIDConfig = field(default_factory=FIDConfig)
-
-    def validate(self, where: str) -> None:
-        require(self.device == "cpu" or self.device.startswith("cuda"), f"{where}.device", self.device,
-                "'cpu' or 'cuda[:N]'")
-        require(bool(self.students), f"{where}.students", self.students, "at least one student")
-        require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "in (0, 1)")
-        for name in self.students:
-            require(name != "teacher" and name.isidentifier(), f"{where}.students.{name}", name,
-                    "a Python identifier other than 'teacher'")
-
-
-def load_config(path: str | Path) -> Cifar10Config:
-    """The tier's config from a YAML file whose top level is the ``Cifar10Config`` mapping."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    return from_dict(Cifar10Config, data, "cifar10")
+SECTIONS: dict[str, type] = {
+    "cifar10": Cifar10Config,
+    "cifar10_teacher": TeacherConfig,
+    "cifar10_pairs": ReflowPairConfig,
+    "cifar10_students": StudentsConfig,
+    "cifar10_fid": FIDConfig,
+}

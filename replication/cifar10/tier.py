@@ -1,88 +1,89 @@
-"""CIFAR-10 stages on the shared ``marflow_core`` training loop.
+"""CIFAR-10 training stages on the shared ``marflow_core`` training loop.
 
-Images ``(B, 3, 32, 32)`` in ``[-1, 1]`` are flattened to ``(B, 3072)`` for the core (its samplers,
-losses and MA term work on flat vectors); ``FlatUNet`` reshapes around a diffusers ``UNet2DModel``.
+Images are ``(B, 3, 32, 32)`` in ``[-1, 1]``; the velocity field is the core's ``UNetVelocity`` (a
+diffusers ``UNet2DModel``), and every core sampler, loss and the MA term work on them as they are.
 
-- ``teacher``: 1-rectified flow, i.e. flow matching with independent pairs ``(x0 ~ N(0, I), x1 ~ data)``,
-  which is a ``WindowBatch`` with the single window ``[0, 1]`` (``FlowMatchingSampler``);
-- ``pairs``: the reflow pair bank ``(x0, Phi^T(x0))`` (``generate_reflow_pairs``);
-- ``students``: each initialised from the teacher's weights, trained by ``DistillationObjective``
-  with ``ReflowPairSampler`` (reflow) or ``PeRFlowSampler`` (noised-data window starts), plus the MA
-  term when ``ma_weight`` > 0;
-- ``fid``: Euler samples at each NFE (``sample_few_step``), FID with torch-fidelity against the
-  training images; a JSON of rows next to the reference numbers.
+- ``cifar10_teacher``: 1-rectified flow, i.e. flow matching with independent pairs
+  ``(x0 ~ N(0, I), x1 ~ data)`` (``FlowMatchingObjective``);
+- ``cifar10_pairs``: the reflow pair bank ``(x0, Phi^T(x0))`` (``generate_reflow_pairs``);
+- ``cifar10_students``: every ``(student, seed)`` run, initialised from the teacher's weights and
+  trained by ``DistillationObjective`` with its method's pairing: ``teacher_pairs`` draws from the
+  pair bank (``ReflowPairSampler``), ``windows`` from noised training images and the teacher's online
+  window solve (``PeRFlowSampler``); plus the MA term for students with ``ma: true``.
+
+A run folder is resumed only if it was made with the same parameters, the same training code and
+(for the pair bank and the students) the same teacher checkpoint; otherwise it is cleared and the run
+starts over (``replication.common.runs``), so no parameter change is silently ignored. The code
+fingerprint is the import closure of this module (and of the student's method module): editing the
+FID code (``evaluate.py``) retrains nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from marflow_core import (
     DistillationObjective,
+    FlowMatchingObjective,
     PeRFlowSampler,
+    ReflowPairConfig,
     ReflowPairSampler,
     TimeWindows,
-    TrainConfig,
     VelocityTeacher,
     WindowBatch,
     generate_reflow_pairs,
     load_checkpoint,
     load_pairs,
-    sample_few_step,
-    stream,
     train,
 )
+from marflow_core.unet import UNetVelocity
 
-from .config import Cifar10Config, OptimConfig, StudentConfig, UNetConfig
-from .data import load_cifar10, load_cifar10_uint8, to_uint8
+from ..common import fingerprint
+from ..common.methods import method_module
+from ..common.runs import prepare_run_dir
+from ..common.students import StudentSpec
+from .config import CHANNELS, SIZE, Cifar10Config, StudentsConfig, TeacherConfig
+from .data import load_cifar10
 
-SHAPE = (3, 32, 32)
-DIM = 3 * 32 * 32
-
-
-class FlatUNet(nn.Module):
-    """``v(x, t)`` with ``x: (B, 3072)``, ``t: (B,)`` in ``[0, 1]``: a ``UNet2DModel`` on
-    ``x.reshape(B, 3, 32, 32)`` at timestep ``time_scale * t``, flattened back."""
-
-    def __init__(self, cfg: UNetConfig) -> None:
-        super().__init__()
-        from diffusers import UNet2DModel
-        from diffusers.models.attention_processor import AttnProcessor
-
-        n = len(cfg.block_out_channels)
-        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
-        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
-        self.unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3,
-                                block_out_channels=tuple(cfg.block_out_channels),
-                                layers_per_block=cfg.layers_per_block, down_block_types=down,
-                                up_block_types=up, norm_num_groups=cfg.norm_num_groups,
-                                dropout=cfg.dropout, attention_head_dim=None if n else 8)
-        for module in self.unet.modules():  # plain attention: its double backward works on CPU
-            if hasattr(module, "set_processor"):
-                module.set_processor(AttnProcessor())
-        self.time_scale = cfg.time_scale
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        out = self.unet(x.reshape(b, *SHAPE), t.reshape(-1).expand(b) * self.time_scale).sample
-        return out.reshape(b, -1)
+LAST = "last.pt"
+STAMP = "fingerprint.json"  # written by prepare_run_dir
+#: the module that decides what training produces (its import closure is the code fingerprint)
+TRAINING_MODULE = "replication.cifar10.tier"
 
 
-@dataclass
-class FlowMatchingSampler:
-    """1-rectified flow: ``x_s = eps ~ N(0, I)``, ``y_T = x1``, one window, ``t ~ U[0, 1)``."""
+def code_digest(student: StudentSpec | None = None) -> str:
+    """The training code a run depends on (with the student's method module when given)."""
+    extra = [method_module(student.method)] if student is not None else []
+    return fingerprint.code_digest([TRAINING_MODULE, *extra])
 
-    def __call__(self, x1: torch.Tensor, generator: torch.Generator | None) -> WindowBatch:
-        eps = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
-        t = torch.rand(x1.shape[0], generator=generator, dtype=x1.dtype).to(x1.device)
-        zeros = torch.zeros_like(t)
-        return WindowBatch(eps, x1, zeros.long(), t, zeros, torch.ones_like(t))
+
+def make_model(cfg: Cifar10Config) -> UNetVelocity:
+    return UNetVelocity(CHANNELS, SIZE, cfg.model)
+
+
+def ckpt(cfg: Cifar10Config, *parts: str) -> Path:
+    return Path(cfg.checkpoint_dir).joinpath(*parts)
+
+
+def student_dir(cfg: Cifar10Config, name: str, seed: int) -> Path:
+    return ckpt(cfg, "students", name, f"seed{seed}")
+
+
+def teacher_meta(cfg: Cifar10Config) -> dict:
+    """What a teacher checkpoint must have been made for (checked on every load)."""
+    return {"tier": "cifar10", "role": "teacher", "model": asdict(cfg.model)}
+
+
+def student_meta(cfg: Cifar10Config, name: str, seed: int, student: StudentSpec) -> dict:
+    """What a student checkpoint must have been made for (its other seeds do not matter)."""
+    spec = {k: v for k, v in asdict(student).items() if k != "seeds"}
+    return {"tier": "cifar10", "role": "student", "model": asdict(cfg.model), "name": name,
+            "seed": seed, **spec}
 
 
 @dataclass
@@ -98,7 +99,8 @@ class OnDevice:
 
 
 def data_batches(images: torch.Tensor, batch_size: int, hflip: bool, device: str):
-    """``batch_fn(step, generator)``: ``batch_size`` random training images, flattened, on ``device``."""
+    """``batch_fn(step, generator)``: ``batch_size`` random training images ``(B, 3, 32, 32)``, each
+    flipped left-right with probability 1/2 when ``hflip``, on ``device``."""
 
     def batch_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch_size,), generator=generator)
@@ -106,173 +108,143 @@ def data_batches(images: torch.Tensor, batch_size: int, hflip: bool, device: str
         if hflip:
             flip = torch.rand(batch_size, generator=generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x.reshape(batch_size, -1).to(device)
+        return x.to(device)
 
     return batch_fn
 
 
-def train_config(opt: OptimConfig, seed: int) -> TrainConfig:
-    return TrainConfig(steps=opt.steps, lr=opt.lr, seed=seed, checkpoint_every=opt.checkpoint_every,
-                       log_every=opt.log_every, warmup=opt.warmup, grad_clip=opt.grad_clip)
-
-
-def ckpt(cfg: Cifar10Config, *parts: str) -> Path:
-    return Path(cfg.checkpoint_dir).joinpath(*parts)
-
-
-def model_meta(cfg: Cifar10Config, role: str, **extra) -> dict:
-    return {"tier": "cifar10", "role": role, "model": dataclasses.asdict(cfg.model), **extra}
-
-
-def load_teacher(cfg: Cifar10Config) -> FlatUNet:
-    """The trained teacher, frozen, in eval mode on ``cfg.device``."""
-    model = FlatUNet(cfg.model)
-    load_checkpoint(ckpt(cfg, "teacher", "last.pt"), model, model_meta(cfg, "teacher"))
-    return model.to(cfg.device).eval().requires_grad_(False)
-
-
 def train_images(cfg: Cifar10Config) -> torch.Tensor:
-    return load_cifar10(cfg.data.root, "train")[0][: cfg.data.n_train]
+    """The first ``data.n_train`` training images; fewer on disk is an error."""
+    images = load_cifar10(cfg.data.root, "train")[0]
+    if len(images) < cfg.data.n_train:
+        raise ValueError(f"cifar10.data.n_train = {cfg.data.n_train}: {cfg.data.root} holds only "
+                         f"{len(images)} training images")
+    return images[: cfg.data.n_train]
 
 
-def stage_teacher(cfg: Cifar10Config, progress: bool = True) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = FlatUNet(cfg.model).to(cfg.device)
-    objective = DistillationObjective(FlowMatchingSampler())
-    batch_fn = data_batches(train_images(cfg), cfg.teacher.batch_size, cfg.data.hflip, cfg.device)
-    result = train(model, objective, batch_fn, train_config(cfg.teacher, cfg.seed), ckpt(cfg, "teacher"),
-                   progress=progress, desc="cifar10 teacher", meta=model_meta(cfg, "teacher"))
+def summary(result) -> dict:
     return {"steps": result.steps, "last": result.history[-1] if result.history else {}}
 
 
-def stage_pairs(cfg: Cifar10Config, progress: bool = True) -> dict:
-    teacher = load_teacher(cfg)
-    p = cfg.pairs
-    paths = generate_reflow_pairs(teacher, ckpt(cfg, "pairs"), p.n_pairs, p.shard_size, (DIM,),
-                                  base_seed=cfg.seed, steps=p.steps, method=p.solver, device=cfg.device,
-                                  progress=progress)
-    return {"shards": len(paths), "n_pairs": p.n_pairs}
+def stage_teacher(configs: dict, progress: bool = True) -> dict:
+    """Train (or resume) the flow-matching teacher into ``checkpoint_dir/teacher``."""
+    cfg: Cifar10Config = configs["cifar10"]
+    teacher_cfg: TeacherConfig = configs["cifar10_teacher"]
+    run_dir = ckpt(cfg, "teacher")
+    prepare_run_dir(run_dir, {"seed": cfg.seed, "data": asdict(cfg.data), "model": asdict(cfg.model),
+                              "train": asdict(teacher_cfg.train_config()), "code": code_digest()})
+    torch.manual_seed(cfg.seed)  # the initial weights (and the dropout stream)
+    model = make_model(cfg).to(cfg.device)
+    batch_fn = data_batches(train_images(cfg), teacher_cfg.batch_size, cfg.data.hflip, cfg.device)
+    result = train(model, FlowMatchingObjective(), batch_fn, teacher_cfg.train_config(), run_dir,
+                   progress=progress, desc="cifar10 teacher", meta=teacher_meta(cfg), seed=cfg.seed)
+    return summary(result)
 
 
-def build_student_objective(cfg: Cifar10Config, student: StudentConfig, teacher: FlatUNet):
-    """``(objective, batch_fn)`` of one student."""
-    ma = dataclasses.replace(cfg.ma, weight=student.ma_weight) if student.ma_weight > 0 else None
-    bs = cfg.student_optim.batch_size
-    if student.method == "reflow":
-        p = cfg.pairs
-        shards = sorted(ckpt(cfg, "pairs").glob("pairs_seed*.pt"))
-        if not shards:
-            raise FileNotFoundError(f"no reflow pairs in {ckpt(cfg, 'pairs')}: run --stage pairs first")
-        x0, x1 = load_pairs(shards)
-        sampler = OnDevice(ReflowPairSampler(x0[: p.n_pairs], x1[: p.n_pairs], bs), cfg.device)
-        batch_fn = lambda step, g: None  # noqa: E731  the pair bank is the data
+def load_teacher(cfg: Cifar10Config) -> tuple[UNetVelocity, dict]:
+    """The trained teacher, frozen, in eval mode on ``cfg.device``, and its identity (its run's
+    fingerprint and checkpoint step), part of every fingerprint of a run that uses it."""
+    path = ckpt(cfg, "teacher", LAST)
+    if not path.is_file():
+        raise FileNotFoundError(f"no teacher checkpoint {path}: run the cifar10_teacher stage first")
+    model = make_model(cfg)
+    state = load_checkpoint(path, model, teacher_meta(cfg))
+    stamp = path.parent / STAMP
+    identity = {"run": json.loads(stamp.read_text()) if stamp.is_file() else None, "step": state["step"]}
+    return model.to(cfg.device).eval().requires_grad_(False), identity
+
+
+def pair_bank(cfg: Cifar10Config, pairs: ReflowPairConfig, teacher: UNetVelocity, identity: dict,
+              progress: bool = True) -> list[Path]:
+    """The pair bank's shards in ``checkpoint_dir/pairs``, generated where missing. The bank is kept
+    for the same teacher, seed and solve; ``n_pairs`` may grow (finished shards are reused), and
+    ``batch_size`` only sets how many rows go through one teacher solve."""
+    bank_dir = ckpt(cfg, "pairs")
+    solve = {k: v for k, v in asdict(pairs).items() if k not in ("n_pairs", "batch_size")}
+    prepare_run_dir(bank_dir, {"teacher": identity, "seed": cfg.seed, "pairs": solve, "code": code_digest()})
+    return generate_reflow_pairs(teacher, bank_dir, pairs.n_pairs, pairs.shard_size, (CHANNELS, SIZE, SIZE),
+                                 base_seed=cfg.seed, steps=pairs.steps, method=pairs.solver,
+                                 device=cfg.device, progress=progress, batch_size=pairs.batch_size)
+
+
+def stage_pairs(configs: dict, progress: bool = True) -> dict:
+    cfg: Cifar10Config = configs["cifar10"]
+    pairs: ReflowPairConfig = configs["cifar10_pairs"]
+    teacher, identity = load_teacher(cfg)
+    paths = pair_bank(cfg, pairs, teacher, identity, progress)
+    return {"shards": len(paths), "n_pairs": pairs.n_pairs}
+
+
+def build_student_objective(cfg: Cifar10Config, students: StudentsConfig, student: StudentSpec,
+                            teacher: UNetVelocity, bank):
+    """``(objective, batch_fn)`` of one student, by its method's pairing; ``bank()`` gives the pair
+    bank ``(x0, x1)`` (held on the CPU)."""
+    pairing = student.record.pairing
+    if pairing == "teacher_pairs":
+        x0, x1 = bank()
+        sampler = OnDevice(ReflowPairSampler(x0, x1, students.batch_size), cfg.device)
+        batch_fn = lambda step, generator: None  # noqa: E731  the pair bank is the data
+    elif pairing == "windows":
+        sampler = PeRFlowSampler.from_config(TimeWindows(student.windows), teacher, students.perflow)
+        batch_fn = data_batches(train_images(cfg), students.batch_size, cfg.data.hflip, cfg.device)
     else:
-        sampler = PeRFlowSampler(TimeWindows(student.windows), teacher, student.teacher_steps,
-                                 student.teacher_solver, "noised_data")
-        batch_fn = data_batches(train_images(cfg), bs, cfg.data.hflip, cfg.device)
-    teacher_for_ma = VelocityTeacher(teacher, cfg.t_max) if ma is not None else None
-    return DistillationObjective(sampler, teacher_for_ma, ma), batch_fn
+        raise NotImplementedError(f"the CIFAR-10 tier has no builder for pairing {pairing!r}")
+    ma = student.ma_config(students.ma)
+    score = VelocityTeacher(teacher, students.t_max) if ma is not None else None
+    return DistillationObjective(sampler, score, ma, student.record.distance), batch_fn
 
 
-def student_meta(cfg: Cifar10Config, name: str) -> dict:
-    return model_meta(cfg, "student", name=name, student=dataclasses.asdict(cfg.students[name]))
+def student_fingerprint(cfg: Cifar10Config, students: StudentsConfig, pairs: ReflowPairConfig,
+                        student: StudentSpec, seed: int, teacher_identity: dict) -> dict:
+    """Everything a student run depends on: only its own pairing's settings, MA only with MA."""
+    stamp = {"teacher": teacher_identity, "model": asdict(cfg.model), "seed": seed,
+             "student": {k: v for k, v in asdict(student).items() if k != "seeds"},
+             "train": asdict(students.train_config()), "code": code_digest(student)}
+    if student.record.pairing == "teacher_pairs":
+        stamp["pairs"] = {"seed": cfg.seed, **{k: v for k, v in asdict(pairs).items() if k != "batch_size"}}
+    else:
+        stamp.update(perflow=asdict(students.perflow), data=asdict(cfg.data))
+    ma = student.ma_config(students.ma)
+    if ma is not None:
+        stamp.update(ma=asdict(ma), t_max=students.t_max)
+    return stamp
 
 
-def stage_students(cfg: Cifar10Config, only: list[str] | None = None, progress: bool = True) -> dict:
-    unknown = sorted(set(only or []) - set(cfg.students))
-    if unknown:
-        raise KeyError(f"--student {unknown[0]!r}: not in students {sorted(cfg.students)}")
-    teacher = load_teacher(cfg)
-    out = {}
-    for name, student in cfg.students.items():
-        if only and name not in only:
-            continue
-        model = FlatUNet(cfg.model).to(cfg.device)
+def stage_students(configs: dict, progress: bool = True) -> dict:
+    """Train (or resume) every ``(student, seed)`` run into ``checkpoint_dir/students/<name>/seed<s>``."""
+    cfg: Cifar10Config = configs["cifar10"]
+    pairs: ReflowPairConfig = configs["cifar10_pairs"]
+    students: StudentsConfig = configs["cifar10_students"]
+    teacher, identity = load_teacher(cfg)
+    loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bank() -> tuple[torch.Tensor, torch.Tensor]:
+        if not loaded:
+            loaded["pairs"] = load_pairs(pair_bank(cfg, pairs, teacher, identity, progress))
+        return loaded["pairs"]
+
+    out: dict[str, dict] = {}
+    for name, seed in students.runs():
+        student = students.students[name]
+        run_dir = student_dir(cfg, name, seed)
+        prepare_run_dir(run_dir, student_fingerprint(cfg, students, pairs, student, seed, identity))
+        objective, batch_fn = build_student_objective(cfg, students, student, teacher, bank)
+        torch.manual_seed(seed)  # the dropout stream
+        model = make_model(cfg).to(cfg.device)
         model.load_state_dict(teacher.state_dict())  # students start from the teacher
         model.requires_grad_(True)
-        objective, batch_fn = build_student_objective(cfg, student, teacher)
-        result = train(model, objective, batch_fn, train_config(cfg.student_optim, cfg.seed),
-                       ckpt(cfg, "students", name), progress=progress, desc=f"cifar10 {name}",
-                       meta=student_meta(cfg, name))
-        out[name] = {"steps": result.steps, "last": result.history[-1] if result.history else {}}
+        result = train(model, objective, batch_fn, students.train_config(), run_dir, progress=progress,
+                       desc=f"cifar10 {name} seed {seed}", meta=student_meta(cfg, name, seed, student),
+                       seed=seed)
+        out.setdefault(name, {})[f"seed{seed}"] = summary(result)
     return out
 
 
-class UInt8Images(torch.utils.data.Dataset):
-    """uint8 ``(N, 3, 32, 32)`` images as a torch-fidelity input."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
-
-
-@torch.no_grad()
-def generate(model: nn.Module, windows: TimeWindows, nfe: int, n: int, batch_size: int, seed: int,
-             device: str) -> torch.Tensor:
-    """``n`` uint8 samples of ``nfe`` Euler steps; noise batch ``i`` from stream ``cifar10-fid/nfe/i``
-    (the same noise for every model: paired comparisons)."""
-    out = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        size = min(batch_size, n - start)
-        x0 = torch.randn((size, DIM), generator=stream(seed, "cifar10-fid", nfe, i)).to(device)
-        x1 = sample_few_step(model, x0, windows, nfe, strict=False)
-        out.append(to_uint8(x1.reshape(size, *SHAPE)).cpu())
-    return torch.cat(out)
-
-
-def fid_score(generated: torch.Tensor, reference: torch.Tensor, cfg: Cifar10Config) -> float:
-    """FID between two uint8 image sets (torch-fidelity). The reference features are cached under
-    ``checkpoint_dir/fid_cache``, keyed by extractor and ``n_reference``."""
-    import torch_fidelity
-
-    f = cfg.fid
-    kwargs = {"feature_extractor": f.feature_extractor}
-    if f.feature_extractor_weights_path:
-        kwargs["feature_extractor_weights_path"] = f.feature_extractor_weights_path
-    metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, cache=True,
-        cache_root=str(ckpt(cfg, "fid_cache")),
-        input2_cache_name=f"cifar10-train-{f.n_reference}-{f.feature_extractor}",
-        cuda=cfg.device.startswith("cuda"), batch_size=min(f.batch_size, 200), verbose=False,
-        save_cpu_ram=f.save_cpu_ram, **kwargs)
-    return float(metrics["frechet_inception_distance"])
-
-
-def load_student(cfg: Cifar10Config, name: str) -> FlatUNet:
-    model = FlatUNet(cfg.model)
-    load_checkpoint(ckpt(cfg, "students", name, "last.pt"), model, student_meta(cfg, name))
+def load_student(cfg: Cifar10Config, name: str, seed: int, student: StudentSpec) -> UNetVelocity:
+    """A trained student, in eval mode on ``cfg.device``."""
+    path = student_dir(cfg, name, seed) / LAST
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}: run the cifar10_students stage first")
+    model = make_model(cfg)
+    load_checkpoint(path, model, student_meta(cfg, name, seed, student))
     return model.to(cfg.device).eval()
-
-
-def stage_fid(cfg: Cifar10Config) -> dict:
-    """Rows ``{model, windows, nfe, crosses_windows, fid, n_samples}``, written to ``out_dir/fid.json``."""
-    from torchvision.utils import save_image
-
-    from .references import load_cifar10_references
-
-    f = cfg.fid
-    reference = load_cifar10_uint8(cfg.data.root, "train")[0][: f.n_reference]
-    models = {"teacher": (load_teacher(cfg), 1, f.teacher_nfe)}
-    for name, student in cfg.students.items():
-        models[name] = (load_student(cfg, name), student.windows, f.nfe)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, (model, k, nfes) in models.items():
-        for nfe in nfes:
-            images = generate(model, TimeWindows(k), nfe, f.n_samples, f.batch_size, cfg.seed, cfg.device)
-            if f.grid_images:
-                save_image(images[: f.grid_images].float() / 255, out_dir / f"samples_{name}_nfe{nfe}.png",
-                           nrow=8)
-            rows.append({"model": name, "windows": k, "nfe": nfe, "crosses_windows": nfe < k,
-                         "fid": fid_score(images, reference, cfg), "n_samples": f.n_samples,
-                         "n_reference": f.n_reference})
-    result = {"rows": rows, "feature_extractor": f.feature_extractor,
-              "references": load_cifar10_references()["entries"]}
-    (out_dir / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result

@@ -1,28 +1,33 @@
-"""Configs of the SD 1.5 tier: trainer and COCO evaluator, dataclasses validated on construction.
+"""Configs of the SD 1.5 tier: trainer and COCO evaluator, the sections ``sd15_train``,
+``sd15_train_perflow`` and ``sd15_eval`` of ``replication/gpu/params.yaml`` (``stages.py``).
 
-A YAML file maps onto ``SD15TrainConfig`` / ``SD15EvalConfig`` one to one (``load_config``); an
-unknown key, a wrong type or a bad value raises ``ConfigError`` naming the key path and the value,
-before any model is loaded. Keys without effect given the others are rejected (``inactive_fields``).
+Each section maps onto ``SD15TrainConfig`` / ``SD15EvalConfig`` one to one through
+``replication.config.from_dict``: an unknown key, a wrong type or a bad value raises ``ConfigError``
+naming the key path and the value, before any model is loaded. Keys without effect given the
+others are rejected (``inactive_fields``). The trainer's optimizer fields are the core's
+``TrainConfig``, its student the shared ``StudentSpec`` and its MA settings the core's ``MAConfig``;
+only what SD adds is defined here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from marflow_core.divergence import PROBE_KINDS
 from marflow_core.errors import InvalidParameter
+from marflow_core.marginal import MAConfig
+from marflow_core.training import TrainConfig
 
-from ..config import ConfigError, from_dict, load_params
-
-T = TypeVar("T")
+from ..common.students import StudentSpec
+from ..config import require
 
 TARGETS: tuple[str, ...] = ("diff_eps", "ddim_eps", "velocity")
 GUIDANCE_MODES: tuple[str, ...] = ("sync", "baked")
-METHODS: tuple[str, ...] = ("perflow", "perflow_ma")
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+#: the MA divergences that scale to SD latents (the exact trace needs the whole Jacobian)
 MA_DIVERGENCES: tuple[str, ...] = ("hutchinson_fd", "hutchinson")
+#: SD 1.5's training timesteps ``T``
+SD_TIMESTEPS = 1000
 
 
 def _check(items: list[tuple[str, Any, bool, str]]) -> None:
@@ -33,17 +38,16 @@ def _check(items: list[tuple[str, Any, bool, str]]) -> None:
 
 @dataclass
 class PeRFlowSD15Config:
-    """PeRFlow on SD 1.5 (docs/method.md, section 2).
+    """PeRFlow on SD 1.5 (docs/method.md, section 2); the window count is ``student.windows``.
 
-    ``windows`` K equal windows; ``teacher_steps`` M DDIM steps of the teacher per window;
+    ``teacher_steps`` M DDIM steps of the teacher per window;
     ``target``: ``diff_eps`` / ``ddim_eps`` (the student keeps the eps head) or ``velocity``;
     ``guidance``: ``sync`` (CFG-sync: teacher at guidance 1.0 on the same ``cfg_drop``-dropped
     prompts as the student) or ``baked`` (teacher at ``teacher_guidance`` on the full prompt, student
     on the dropped prompt: guidance baked into the student); ``discrete_timesteps``: 0 draws ``t`` on
-    the 1/1000 grid of SD timesteps, N > 0 on a grid of N points.
+    the 1/1000 grid of SD timesteps, N > 0 on a grid of N points (a multiple of the window count).
     """
 
-    windows: int = 4
     teacher_steps: int = 8
     target: str = "diff_eps"
     guidance: str = "sync"
@@ -53,7 +57,6 @@ class PeRFlowSD15Config:
 
     def __post_init__(self) -> None:
         _check([
-            ("windows", self.windows, 1 <= self.windows <= 100, "K must be in 1..100"),
             ("teacher_steps", self.teacher_steps, self.teacher_steps >= 1, "M must be >= 1"),
             ("target", self.target, self.target in TARGETS, f"one of {TARGETS}"),
             ("guidance", self.guidance, self.guidance in GUIDANCE_MODES, f"one of {GUIDANCE_MODES}"),
@@ -62,9 +65,6 @@ class PeRFlowSD15Config:
             ("discrete_timesteps", self.discrete_timesteps, self.discrete_timesteps >= 0,
              "0 (the 1000-step grid) or a grid size > 0"),
         ])
-        if self.discrete_timesteps:
-            _check([("discrete_timesteps", self.discrete_timesteps,
-                     self.discrete_timesteps % self.windows == 0, "must be a multiple of windows")])
 
     def inactive_fields(self) -> dict[str, str]:
         if self.guidance == "sync":
@@ -72,138 +72,125 @@ class PeRFlowSD15Config:
         return {}
 
 
-@dataclass
-class SD15MAConfig:
-    """The MA term through the UNet (docs/method.md, section 4, a reconstruction).
-
-    ``weight`` lambda; ``substeps`` n Euler sub-steps of the student per window; ``divergence``:
-    ``hutchinson_fd`` (forward differences, first-order backward only, works with fused attention)
-    or ``hutchinson`` (VJP + double backward; the UNet's attention is switched to the plain
-    ``AttnProcessor``); ``fd_step`` the finite-difference step; ``fd_fp32`` runs the MA forward passes
-    in float32 under mixed precision (a step of 1e-2 is below fp16 resolution of activations);
-    ``every`` runs the term on every N-th step; ``normalize_by_dim`` divides by the latent dimension.
-    """
-
-    weight: float = 0.1
-    substeps: int = 1
-    divergence: str = "hutchinson_fd"
-    n_probes: int = 1
-    probe_kind: str = "rademacher"
-    fd_step: float = 1e-2
-    fd_fp32: bool = True
-    every: int = 1
-    normalize_by_dim: bool = True
-    window_weights: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        _check([
-            ("weight", self.weight, self.weight >= 0, "lambda must be >= 0"),
-            ("substeps", self.substeps, self.substeps >= 1, "must be >= 1"),
-            ("divergence", self.divergence, self.divergence in MA_DIVERGENCES, f"one of {MA_DIVERGENCES}"),
-            ("n_probes", self.n_probes, self.n_probes >= 1, "must be >= 1"),
-            ("probe_kind", self.probe_kind, self.probe_kind in PROBE_KINDS, f"one of {PROBE_KINDS}"),
-            ("fd_step", self.fd_step, self.fd_step > 0, "must be > 0"),
-            ("every", self.every, self.every >= 1, "must be >= 1"),
-        ])
-        if self.window_weights is not None:
-            _check([("window_weights", self.window_weights, all(w >= 0 for w in self.window_weights),
-                     "weights must be >= 0")])
-
-    def inactive_fields(self) -> dict[str, str]:
-        if self.divergence != "hutchinson_fd":
-            return dict.fromkeys(("fd_step", "fd_fp32"), "only divergence = 'hutchinson_fd' uses them")
-        return {}
+def sd15_ma_recipe() -> MAConfig:
+    """This tier's MA settings when the ``ma`` section is absent: one sub-step, one Rademacher probe,
+    forward differences with step 1e-2 (docs/gpu.md)."""
+    return MAConfig(weight=0.1, substeps=1, divergence="hutchinson_fd", fd_step=1e-2)
 
 
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up then a constant rate (PeRFlow's public recipe: lr 8e-5, warm-up 500)."""
-
-    lr: float = 8e-5
-    warmup: int = 500
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check([
-            ("lr", self.lr, self.lr > 0, "must be > 0"),
-            ("warmup", self.warmup, self.warmup >= 0, "must be >= 0"),
-            ("beta1", self.beta1, 0 <= self.beta1 < 1, "must be in [0, 1)"),
-            ("beta2", self.beta2, 0 <= self.beta2 < 1, "must be in [0, 1)"),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0"),
-            ("eps", self.eps, self.eps > 0, "must be > 0"),
-            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "must be > 0"),
-        ])
-
-
-@dataclass
-class SD15TrainConfig:
-    """The trainer: inputs, method, optimisation, precision, checkpoints and outputs.
+@dataclass(kw_only=True)
+class SD15TrainConfig(TrainConfig):
+    """The trainer: the core's ``TrainConfig`` optimizer fields plus inputs, student, precision,
+    checkpoints and outputs.
 
     ``model_dir`` a local diffusers SD pipeline folder (teacher, and the student's initial weights);
     ``data_dir`` a caption folder (``images/`` + ``captions.jsonl``, see replication/sd15/data.py);
     ``output_dir`` receives ``checkpoints/``, ``pipeline/``, ``delta_weights.safetensors``.
-    ``batch_size`` is per process and per accumulation micro-step: the global batch is
-    ``batch_size * processes * grad_accum``. ``debug_dump``: a file to which step 1 writes its loss,
-    gradient norm and flattened gradient (all processes' average), for the multi-process test.
+    ``student``: ``method: perflow`` with ``windows`` K and ``ma`` on or off (its ``ma_weight`` /
+    ``ma_substeps`` override ``ma``), and one seed (data order and every per-sample draw).
+    Optimizer (``TrainConfig``): AdamW with linear warm-up then a constant rate by default
+    (PeRFlow's public recipe: lr 8e-5, warm-up 500, weight decay 1e-2); ``grad_clip`` <= 0 only
+    measures the gradient norm. ``batch_size`` is per process and per accumulation micro-step: the
+    global batch is ``batch_size * processes * grad_accum``. ``ma`` is the core's ``MAConfig``
+    (absent: ``sd15_ma_recipe``; keys missing from a given section take ``MAConfig``'s defaults);
+    SD runs Hutchinson divergences only (``hutchinson_fd``, or ``hutchinson``, for which the student's
+    attention is switched to the plain ``AttnProcessor`` that has a double backward), with the
+    continuous log-det on the whole batch. ``ma_fd_fp32`` runs the finite-difference MA passes in
+    float32 under mixed precision (a step of 1e-2 is close to fp16 resolution of the activations).
+    ``debug_dump``: a file to which step 1 writes its loss, gradient norm and flattened gradient
+    (all processes' average), for the multi-process test.
     """
 
     model_dir: str
     data_dir: str
     output_dir: str
-    method: str = "perflow_ma"
+    student: StudentSpec
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 8e-5
+    warmup: int = 500
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    checkpoint_every: int = 1000
+    log_every: int = 10
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
-    seed: int = 0
-    steps: int = 4000
-    batch_size: int = 32
     grad_accum: int = 1
     mixed_precision: str = "fp16"
     gradient_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.9999
-    checkpoint_every: int = 1000
     checkpoints_total_limit: int | None = 3
-    log_every: int = 10
     dataloader_workers: int = 4
     save_delta_weights: bool = True
     debug_dump: str | None = None
-    progress: bool = True
     perflow: PeRFlowSD15Config = field(default_factory=PeRFlowSD15Config)
-    ma: SD15MAConfig = field(default_factory=SD15MAConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    ma: MAConfig = field(default_factory=sd15_ma_recipe)
+    ma_fd_fp32: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check([
-            ("method", self.method, self.method in METHODS, f"one of {METHODS}"),
             ("resolution", self.resolution, self.resolution >= 8 and self.resolution % 8 == 0,
              "must be a multiple of 8, >= 8"),
-            ("steps", self.steps, self.steps >= 1, "must be >= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum, self.grad_accum >= 1, "must be >= 1"),
             ("mixed_precision", self.mixed_precision, self.mixed_precision in PRECISIONS, f"one of {PRECISIONS}"),
             ("ema_decay", self.ema_decay, 0 < self.ema_decay < 1, "must be in (0, 1)"),
-            ("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, "must be >= 1"),
             ("checkpoints_total_limit", self.checkpoints_total_limit,
              self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "null or >= 1"),
-            ("log_every", self.log_every, self.log_every >= 1, "must be >= 1"),
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0, "must be >= 0"),
         ])
         for key in ("model_dir", "data_dir", "output_dir"):
             _check([(key, getattr(self, key), bool(getattr(self, key)), "must be a non-empty path")])
-        if self.method == "perflow_ma" and self.ma.window_weights is not None:
-            _check([("ma.window_weights", self.ma.window_weights,
-                     len(self.ma.window_weights) == self.perflow.windows,
-                     f"needs one weight per window ({self.perflow.windows})")])
+
+    def validate(self, where: str) -> None:
+        """What SD cannot do, each refused naming its key (the fields validated themselves)."""
+        student = self.student
+        require(student.method == "perflow", f"{where}.student.method", student.method,
+                "the SD 1.5 trainer distills with PeRFlow windows only (method: perflow)")
+        require(SD_TIMESTEPS % student.windows == 0, f"{where}.student.windows", student.windows,
+                f"K must divide SD's {SD_TIMESTEPS} timesteps (the saved PeRFlowScheduler's windows "
+                f"are whole timesteps)")
+        require(len(student.seeds) == 1, f"{where}.student.seeds", student.seeds,
+                "one output_dir holds one run: give one seed (another seed is another section)")
+        grid = self.perflow.discrete_timesteps
+        require(grid % student.windows == 0, f"{where}.perflow.discrete_timesteps", grid,
+                f"must be a multiple of student.windows ({student.windows})")
+        ma = self.student_ma()
+        if ma is None:
+            return
+        require(ma.logdet == "continuous", f"{where}.ma.logdet", ma.logdet,
+                "the discrete log-det needs the whole Jacobian of the UNet; use 'continuous'")
+        require(ma.divergence in MA_DIVERGENCES, f"{where}.ma.divergence", ma.divergence,
+                f"the exact trace needs the whole Jacobian of the UNet; one of {MA_DIVERGENCES}")
+        require(ma.batch_fraction == 1, f"{where}.ma.batch_fraction", ma.batch_fraction,
+                "must be 1: a fraction of each process's micro-batch is not a fraction of the "
+                "global batch, so the step would depend on the process count")
+        require(ma.window_weights is None or len(ma.window_weights) == student.windows,
+                f"{where}.ma.window_weights", ma.window_weights,
+                f"needs one weight per window ({student.windows})")
+
+    def student_ma(self) -> MAConfig | None:
+        """The MA settings of the student (``ma`` with its overrides), None without MA."""
+        return self.student.ma_config(self.ma)
+
+    def ma_fd_fp32_active(self) -> bool:
+        """Whether the finite-difference MA passes leave mixed precision for float32."""
+        ma = self.student_ma()
+        return (ma is not None and ma.divergence == "hutchinson_fd" and self.ma_fd_fp32
+                and self.mixed_precision != "no")
 
     def inactive_fields(self) -> dict[str, str]:
-        unused = {}
-        if self.method == "perflow":
-            unused["ma"] = "method = 'perflow' has no MA term"
+        unused = {"snapshot_every": "the SD trainer keeps the newest checkpoints_total_limit "
+                                    "accelerate checkpoints instead"}
+        if not self.student.ma:
+            unused["ma"] = "student.ma is false: no MA term"
+            unused["ma_fd_fp32"] = "student.ma is false: no MA term"
+        elif self.ma.divergence != "hutchinson_fd":
+            unused["ma_fd_fp32"] = "only ma.divergence = 'hutchinson_fd' runs finite differences"
+        elif self.mixed_precision == "no":
+            unused["ma_fd_fp32"] = "mixed_precision = 'no' runs every pass in float32"
         if not self.ema:
             unused["ema_decay"] = "ema = false"
         return unused
@@ -274,7 +261,6 @@ class SD15EvalConfig:
     clip_checkpoint: str | None = None
     mixed_precision: str = "fp16"
     keep_images: bool = True
-    progress: bool = True
 
     def __post_init__(self) -> None:
         _check([
@@ -285,35 +271,3 @@ class SD15EvalConfig:
             ("models", self.models, bool(self.models), "name at least one pipeline folder to evaluate"),
             ("mixed_precision", self.mixed_precision, self.mixed_precision in PRECISIONS, f"one of {PRECISIONS}"),
         ])
-
-
-def load_config(cls: type[T], path: str | Path, section: str | None = None) -> T:
-    """The dataclass ``cls`` from YAML file ``path`` (its top-level mapping, or key ``section``)."""
-    data = load_params(path)
-    where = section or Path(path).name
-    if section is not None:
-        if section not in data:
-            raise ConfigError(f"{path}: no section {section!r}; top-level keys: {sorted(data)}")
-        data = data[section]
-    return from_dict(cls, data, where)
-
-
-def run_cli(prog: str, description: str, cls: type[T], check, run, argv: list[str] | None = None) -> int:
-    """The SD 1.5 entry points' command line: ``--config`` (YAML mapping onto ``cls``) and
-    ``--section``; a bad config or missing input is one line on stderr, exit status 2, and ``run``
-    is never called."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help=f"YAML file mapping onto {cls.__name__}")
-    parser.add_argument("--section", default=None, help="top-level key of the YAML holding the config")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.section)
-        check(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(cfg)
-    return 0

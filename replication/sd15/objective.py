@@ -1,6 +1,6 @@
 """The PeRFlow (+ MA) loss on SD latents: one batch of latents and text embeddings -> a scalar loss.
 
-Time is SD time ``tau`` in ``(0, T]`` (``T = 1000`` is noise; ``marflow_core.vp``): the student UNet
+Time is SD time ``tau`` in ``(0, T]`` (``T = 1000`` is noise; ``replication.sd15.vp``): the student UNet
 gets ``tau`` (what PeRFlow's scheduler hands it at sampling), the teacher the table index ``tau - 1``.
 Per sample (docs/method.md, section 2):
 
@@ -11,11 +11,15 @@ Per sample (docs/method.md, section 2):
    ``eps* = (y_T - lambda x_s) / eta`` (``diff_eps`` / ``ddim_eps``) or ``(y_T - x_s) / (tau_e - tau_s)``
    (``velocity``), ``L_TM = mean (unet(x_t, tau) - target)^2``.
 
-MA term (section 4, a reconstruction), in core time ``t = 1 - tau / T``: ``n`` Euler sub-steps of the
-student velocity ``v_theta`` from ``x_s`` across the window, ``logdet = sum_i h_i div v_theta``
-(Hutchinson: finite differences or VJP), and
-``L_MA = mean[-logdet - <sg(s_T(y, tau_e)), y>] / d`` with ``s_T = -eps_T(y, tau_e) / sqrt(1 - abar_e)``
-(the teacher with the same text and guidance as its window solve) and ``d = C H W``.
+MA term (section 4, a reconstruction): the core's ``marflow_core.marginal.ma_surrogate`` in core time
+``t = 1 - tau / T`` through three adapters: the student velocity ``v_theta`` (``StudentVelocity``),
+the teacher score ``s_T(x, t) = -eps_T(x, tau) / sqrt(1 - abar_tau)`` (``TeacherScore``: the teacher
+with the same text and guidance as its window solve) and a ``WindowBatch`` of the window starts and
+bounds. The core runs ``n`` sub-steps of the student across each window with the log-det of a
+Hutchinson divergence (finite differences or VJP) and returns
+``L_MA = mean[-logdet - <sg(s_T(y, t_e)), y>] / d`` (``d = C H W``). The probes are drawn per sample
+(``draw_sample_noise``), so a batch split over processes computes what one process computes. The MA
+state (path, log-det, score product) is kept in at least float32, also under fp16 mixed precision.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from marflow_core import vp
-from marflow_core.divergence import finite_difference_divergence, hutchinson_divergence
+from marflow_core.marginal import MAConfig, ma_surrogate
+from marflow_core.trajectory import WindowBatch
 
-from .config import PeRFlowSD15Config, SD15MAConfig
+from . import vp
+from .config import PeRFlowSD15Config
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep) -> eps
 
@@ -108,21 +113,24 @@ class StudentVelocity:
     ``lambda_r x + eta_r eps_theta(x, tau)`` (``vp.segment_coefficients``), so
     ``v = (end - x) / (t_e - t)``, the velocity of PeRFlow's scheduler step; velocity head:
     ``v = -unet(x, tau)`` (PeRFlow's velocity is per unit of ``tau / T``). Takes ``x: (R * B, ...)``
-    (finite-difference shifts of a batch of ``B``): the per-sample window and text repeat.
+    (finite-difference shifts of a batch of ``B``): the per-sample window and text repeat. The UNet
+    gets ``x`` in ``input_dtype`` (default: ``x``'s own); the velocity comes back in ``x``'s dtype.
     """
 
     def __init__(self, unet, text: torch.Tensor, k: torch.Tensor, alphas_cumprod: torch.Tensor,
-                 windows: int, target: str) -> None:
+                 windows: int, target: str, input_dtype: torch.dtype | None = None) -> None:
         self.unet, self.text, self.k, self.alphas = unet, text, k, alphas_cumprod
         self.windows, self.target, self.T = windows, target, len(alphas_cumprod)
+        self.input_dtype = input_dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         reps = x.shape[0] // self.text.shape[0]
         k = self.k.repeat(reps)
         tau = vp.tau_from_t(t.to(torch.float64), self.T)
-        out = self.unet(x, tau.to(x.dtype), self.text.repeat(reps, 1, 1).to(x.dtype)).sample
+        x_in = x if self.input_dtype is None else x.to(self.input_dtype)
+        out = self.unet(x_in, tau.to(x_in.dtype), self.text.repeat(reps, 1, 1).to(x_in.dtype)).sample
         if self.target == "velocity":
-            return -out
+            return -out.to(x.dtype)
         tau_s, tau_e = vp.window_bounds_tau(k, self.windows, self.T)
         abar_s, abar_e = vp.window_abars(self.alphas, k, self.windows)
         lam, eta = vp.window_coefficients(abar_s, abar_e, self.target)
@@ -132,12 +140,33 @@ class StudentVelocity:
         return (end - x) / _rows(t_e - t.to(torch.float64), x)
 
 
+class TeacherScore:
+    """The frozen teacher's score in core time: ``s_T(x, t) = -eps_T(x, tau) / sqrt(1 - abar_tau)``
+    with ``tau = (1 - t) T``, the eps-model at table index ``tau - 1`` (clamped at 0) with the
+    batch's text and guidance. The ``score`` of the core's ``Teacher`` (``ma_surrogate`` reads no
+    teacher velocity)."""
+
+    def __init__(self, eps: EpsFn, alphas_cumprod: torch.Tensor) -> None:
+        self.eps, self.alphas, self.T = eps, alphas_cumprod, len(alphas_cumprod)
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tau = vp.tau_from_t(t.to(torch.float64), self.T)
+        index = vp.table_index(tau).clamp(min=0)
+        return vp.teacher_score(self.eps(x, index), vp.abar_at(self.alphas, tau))
+
+
 class PeRFlowSD15Objective:
-    """Turns ``(latents, text, per-sample noise)`` into ``(loss, parts)``; see the module doc."""
+    """Turns ``(latents, text, per-sample noise)`` into ``(loss, parts)``; see the module doc.
+
+    ``windows`` K (the student's), ``ma`` the student's MA settings (None: PeRFlow alone);
+    ``ma_fd_fp32``: the finite-difference MA passes get float32 inputs (the trainer also turns
+    autocast off for them, ``train.ma_context``).
+    """
 
     def __init__(self, teacher_unet, alphas_cumprod: torch.Tensor, perflow: PeRFlowSD15Config,
-                 ma: SD15MAConfig | None) -> None:
-        self.teacher, self.perflow, self.ma = teacher_unet, perflow, ma
+                 windows: int, ma: MAConfig | None, ma_fd_fp32: bool = True) -> None:
+        self.teacher, self.perflow, self.windows, self.ma = teacher_unet, perflow, windows, ma
+        self.ma_fd_fp32 = ma_fd_fp32
         self.alphas = alphas_cumprod
         self.T = len(alphas_cumprod)
         self.grid = perflow.discrete_timesteps or self.T
@@ -151,19 +180,19 @@ class PeRFlowSD15Objective:
         """``(tau, k, x_s, y_T)``: SD time on the grid (``(0, T]``), window, start, teacher end point."""
         u = noise.u.to(latents.device, torch.float64)
         tau = (1.0 - torch.floor(u * self.grid) / self.grid) * self.T
-        k = vp.window_index_of_tau(tau, self.perflow.windows, self.T)
-        tau_s, _ = vp.window_bounds_tau(k, self.perflow.windows, self.T)
+        k = vp.window_index_of_tau(tau, self.windows, self.T)
+        tau_s, _ = vp.window_bounds_tau(k, self.windows, self.T)
         x_s = vp.vp_marginal(latents, noise.noise.to(latents), vp.abar_at(self.alphas, tau_s))
-        y_t = vp.teacher_window_solve(self.teacher_eps(cond), x_s, k, self.alphas, self.perflow.windows,
+        y_t = vp.teacher_window_solve(self.teacher_eps(cond), x_s, k, self.alphas, self.windows,
                                       self.perflow.teacher_steps)
         return tau, k, x_s, y_t
 
     def __call__(self, unet, latents: torch.Tensor, noise: SampleNoise, cond: TextConditioning,
                  run_ma: bool, ma_context=None) -> tuple[torch.Tensor, dict[str, float]]:
         tau, k, x_s, y_t = self.window_sample(latents, noise, cond)
-        tau_s, tau_e = vp.window_bounds_tau(k, self.perflow.windows, self.T)
+        tau_s, tau_e = vp.window_bounds_tau(k, self.windows, self.T)
         x_t = x_s + _rows((tau - tau_s) / (tau_e - tau_s), x_s) * (y_t - x_s)
-        target = vp.student_target(x_s, y_t, k, self.alphas, self.perflow.windows, self.perflow.target)
+        target = vp.student_target(x_s, y_t, k, self.alphas, self.windows, self.perflow.target)
         pred = unet(x_t, tau.to(x_t.dtype), cond.student).sample
         tm = (pred.float() - target.float()).pow(2).mean()
         parts = {"tm": float(tm.detach())}
@@ -176,32 +205,26 @@ class PeRFlowSD15Objective:
         parts["total"] = float(total.detach())
         return total, parts
 
+    def ma_window_batch(self, x_s: torch.Tensor, k: torch.Tensor) -> WindowBatch:
+        """The core ``WindowBatch`` of the MA term: starts ``x_s``, windows ``k`` and their bounds in
+        core time (float64). The MA term reads no end point or segment time: ``y_end`` is ``x_s``
+        and ``t`` the window start."""
+        tau_s, tau_e = vp.window_bounds_tau(k.to(x_s.device), self.windows, self.T)
+        t_s, t_e = vp.t_from_tau(tau_s, self.T), vp.t_from_tau(tau_e, self.T)
+        return WindowBatch(x_start=x_s, y_end=x_s, k=k.to(x_s.device), t=t_s, t_start=t_s, t_end=t_e)
+
     def ma_term(self, unet, x_s: torch.Tensor, k: torch.Tensor, cond: TextConditioning,
                 probes: torch.Tensor) -> torch.Tensor:
-        """``L_MA`` of the batch (surrogate B, divided by the latent dimension if configured)."""
-        ma, K = self.ma, self.perflow.windows
-        dtype = torch.float32 if (ma.divergence == "hutchinson_fd" and ma.fd_fp32) else x_s.dtype
-        x = x_s.detach().to(dtype)
-        probes = probes.to(x.device, dtype)
-        field = StudentVelocity(unet, cond.student, k, self.alphas, K, self.perflow.target)
-        tau_s, tau_e = vp.window_bounds_tau(k, K, self.T)
-        t_s, t_e = vp.t_from_tau(tau_s, self.T), vp.t_from_tau(tau_e, self.T)
-        logdet = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
-        for i in range(ma.substeps):
-            t = t_s + (t_e - t_s) * i / ma.substeps
-            h = (t_e - t_s) / ma.substeps
-            if ma.divergence == "hutchinson_fd":
-                v, div = finite_difference_divergence(field, x, t, probes, ma.fd_step, create_graph=True)
-            else:
-                v, div = hutchinson_divergence(field, x, t, probes, create_graph=True)
-            logdet = logdet + h.float() * div.float()
-            x = x + _rows(h, x) * v
-        with torch.no_grad():
-            y = x.detach()
-            index = vp.table_index(tau_e).clamp(min=0)
-            score = vp.teacher_score(self.teacher_eps(cond)(y, index), vp.abar_at(self.alphas, tau_e))
-        per_sample = -logdet - (score.float() * x.float()).flatten(1).sum(-1)
-        if ma.window_weights is not None:
-            per_sample = per_sample * torch.as_tensor(ma.window_weights, device=x.device)[k]
-        loss = per_sample.mean()
-        return loss / x[0].numel() if ma.normalize_by_dim else loss
+        """``L_MA`` of the batch: ``ma_surrogate`` with this batch's per-sample ``probes``.
+
+        The UNet passes run in float32 with ``ma_fd_fp32`` and finite differences, else in
+        ``x_s``'s dtype; the core's state (path, log-det) in at least float32."""
+        fp32 = self.ma.divergence == "hutchinson_fd" and self.ma_fd_fp32
+        unet_dtype = torch.float32 if fp32 else x_s.dtype
+        state_dtype = torch.promote_types(unet_dtype, torch.float32)
+        x = x_s.detach().to(state_dtype)
+        field = StudentVelocity(unet, cond.student, k, self.alphas, self.windows, self.perflow.target,
+                                input_dtype=unet_dtype)
+        teacher = TeacherScore(self.teacher_eps(cond), self.alphas)
+        return ma_surrogate(field, teacher, self.ma_window_batch(x, k), self.ma,
+                            probes=probes.to(x.device, state_dtype))

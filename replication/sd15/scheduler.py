@@ -174,3 +174,16 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+#: the noise-schedule keys a PeRFlow scheduler takes over from another scheduler's config
+SCHEDULE_KEYS: tuple[str, ...] = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                  "trained_betas")
+
+
+def perflow_scheduler_from(config, prediction_type: str, windows: int) -> PeRFlowScheduler:
+    """A ``PeRFlowScheduler`` with the noise schedule of another scheduler's ``config`` (a mapping,
+    e.g. the teacher's DDPM/DDIM config), ``K = windows`` windows and ``prediction_type``."""
+    return PeRFlowScheduler(**{k: config[k] for k in SCHEDULE_KEYS if k in config},
+                            prediction_type=prediction_type, t_noise=1, t_clean=0,
+                            num_time_windows=windows)

@@ -1,11 +1,12 @@
 """SD 1.5 trainer: PeRFlow and PeRFlow + MA with accelerate (one CPU process up to many GPUs and nodes).
 
-    python -m replication.sd15.train --config CONFIG.yaml [--section KEY]
-    accelerate launch [--multi_gpu --num_processes 8 ...] -m replication.sd15.train --config CONFIG.yaml
+    python -m replication.stage sd15_train [--params FILE]
+    accelerate launch [--multi_gpu --num_processes 8 ...] -m replication.stage sd15_train
 
-The YAML maps onto ``SD15TrainConfig`` (replication/sd15/config.py). Inputs are checked before any
-model is loaded or anything is written: a bad key, a missing weights file or caption folder is one
-line on stderr and exit status 2. Outputs under ``output_dir``: ``checkpoints/checkpoint-<step>/``
+The stages ``sd15_train`` and ``sd15_train_perflow`` (``stages.py``) call ``run_stage`` with their
+section, an ``SD15TrainConfig`` (replication/sd15/config.py). Inputs are checked before any model is
+loaded or anything is written: a bad key, a missing weights file or caption folder is one line on
+stderr and exit status 2. Outputs under ``output_dir``: ``checkpoints/checkpoint-<step>/``
 (accelerate ``save_state``: student, optimizer, EMA, RNG, step; the newest is resumed automatically),
 ``pipeline/`` (a diffusers pipeline folder with the student UNet, EMA weights if ``ema``, and the
 PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` and ``config.yaml``.
@@ -18,9 +19,9 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -29,12 +30,12 @@ from marflow_core.atomic import atomic_torch_save, atomic_write_text
 from marflow_core.errors import NonFiniteLossError
 
 from ..config import ConfigError
-from .config import SD15TrainConfig, run_cli
+from .config import SD15TrainConfig
 from .inputs import check_pipeline_dir, read_caption_folder
 
 #: config keys that may change when a run resumes (they do not change what is computed)
-RESUMABLE_KEYS = ("steps", "progress", "debug_dump", "log_every", "checkpoint_every",
-                  "checkpoints_total_limit", "dataloader_workers")
+RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
+                  "dataloader_workers", "loss_limit")
 CKPT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -58,12 +59,24 @@ def check_inputs(cfg: SD15TrainConfig) -> None:
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text())
-        new = json.loads(json.dumps(asdict(cfg)))
+        old = _leaves(yaml.safe_load(saved.read_text()) or {})
+        new = _leaves(json.loads(json.dumps(asdict(cfg))))
+        missing = object()
         for key in sorted(set(old) | set(new)):
-            if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+            if key.split(".")[0] not in RESUMABLE_KEYS and old.get(key, missing) != new.get(key, missing):
                 raise ConfigError(f"{key} = {new.get(key)!r}: output_dir {str(out)!r} holds a run with "
                                   f"{key} = {old.get(key)!r}; use another output_dir or delete it to start over")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every non-mapping value of a nested mapping."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -93,24 +106,28 @@ def save_checkpoint(accelerator, out: Path, step: int, limit: int | None) -> Non
 
 
 def perflow_scheduler(cfg: SD15TrainConfig, scheduler_config: dict):
-    """PeRFlow's scheduler for the saved student (marflow_core.scheduler), from the teacher's betas."""
-    from marflow_core.scheduler import PeRFlowScheduler
+    """PeRFlow's scheduler for the saved student (replication.sd15.scheduler), from the teacher's betas."""
+    from .scheduler import perflow_scheduler_from
 
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    kwargs = {k: scheduler_config[k] for k in keys if k in scheduler_config}
-    return PeRFlowScheduler(**kwargs, prediction_type=cfg.perflow.target, t_noise=1, t_clean=0,
-                            num_time_windows=cfg.perflow.windows)
+    return perflow_scheduler_from(scheduler_config, cfg.perflow.target, cfg.student.windows)
 
 
-def _fp32_context(accelerator, cfg: SD15TrainConfig):
-    """Autocast off for the finite-difference MA passes when ``ma.fd_fp32`` under mixed precision."""
-    if cfg.method == "perflow_ma" and cfg.ma.divergence == "hutchinson_fd" and cfg.ma.fd_fp32 \
-            and accelerator.mixed_precision != "no":
+def ma_context(accelerator, cfg: SD15TrainConfig):
+    """Autocast off for the finite-difference MA passes when ``ma_fd_fp32`` under mixed precision."""
+    if cfg.ma_fd_fp32_active() and accelerator.mixed_precision != "no":
         return torch.autocast(device_type=accelerator.device.type, enabled=False)
     return None
 
 
-def train(cfg: SD15TrainConfig) -> Path:
+def run_stage(configs: dict[str, SD15TrainConfig], progress: bool) -> dict[str, Any]:
+    """The ``sd15_train`` / ``sd15_train_perflow`` stage: check the inputs, then train (resuming)."""
+    (cfg,) = configs.values()
+    check_inputs(cfg)
+    pipeline = train(cfg, progress)
+    return {"pipeline": str(pipeline), "steps": cfg.steps}
+
+
+def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) training; returns the saved pipeline folder."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -127,7 +144,8 @@ def train(cfg: SD15TrainConfig) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     comps = load_components(cfg.model_dir, accelerator.device, weight_dtype)
     student = comps.student
-    if cfg.method == "perflow_ma" and cfg.ma.divergence == "hutchinson":
+    ma = cfg.student_ma()
+    if ma is not None and ma.divergence == "hutchinson":
         from diffusers.models.attention_processor import AttnProcessor
 
         student.set_attn_processor(AttnProcessor())  # fused attention kernels have no double backward
@@ -140,9 +158,7 @@ def train(cfg: SD15TrainConfig) -> Path:
         ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=type(student),
                        model_config=student.config)
         ema.to(accelerator.device)
-    opt = cfg.optim
-    optimizer = torch.optim.AdamW(student.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                  weight_decay=opt.weight_decay, eps=opt.eps)
+    optimizer = cfg.make_optimizer(student.parameters())
     student, optimizer = accelerator.prepare(student, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -158,12 +174,13 @@ def train(cfg: SD15TrainConfig) -> Path:
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
     dataset = CaptionFolder(cfg.data_dir, comps.tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip)
-    plan = BatchPlan(len(dataset), cfg.batch_size, accelerator.num_processes, cfg.grad_accum, cfg.seed)
+    plan = BatchPlan(len(dataset), cfg.batch_size, accelerator.num_processes, cfg.grad_accum,
+                     cfg.student.seeds[0])
     loader = torch.utils.data.DataLoader(
         PlannedBatches(dataset, plan, accelerator.process_index, state.step, cfg.steps),
         batch_size=None, num_workers=cfg.dataloader_workers)
     objective = PeRFlowSD15Objective(comps.teacher, comps.alphas_cumprod.to(accelerator.device),
-                                     cfg.perflow, cfg.ma if cfg.method == "perflow_ma" else None)
+                                     cfg.perflow, cfg.student.windows, ma, cfg.ma_fd_fp32_active())
     with torch.no_grad():
         null_ids = comps.tokenizer("", max_length=comps.tokenizer.model_max_length, padding="max_length",
                                    truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
@@ -172,25 +189,25 @@ def train(cfg: SD15TrainConfig) -> Path:
     down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     latent_shape = (latent_channels, cfg.resolution // down, cfg.resolution // down)
     scaling = comps.vae.config.scaling_factor
-    ma_on = cfg.method == "perflow_ma"
-    fp32_ctx = _fp32_context(accelerator, cfg)
+    fp32_ctx = ma_context(accelerator, cfg)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
-    progress = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and accelerator.is_local_main_process),
-                    desc="sd15 train")
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
+               desc="sd15 train")
     log_path = out / "train_log.jsonl"
     batches = iter(loader)
     while state.step < cfg.steps:
         step = state.step
         for group in optimizer.param_groups:
-            group["lr"] = opt.lr * min(1.0, (step + 1) / opt.warmup) if opt.warmup else opt.lr
-        run_ma = ma_on and step % cfg.ma.every == 0
+            group["lr"] = cfg.lr_at(step)
+        run_ma = ma is not None and step % ma.every == 0
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             assert int(batch["step"]) == step
             with accelerator.accumulate(student):
                 noise = draw_sample_noise(plan.generators(step, batch["positions"].tolist()), latent_shape,
-                                          cfg.perflow.cfg_drop, cfg.ma.n_probes if ma_on else 0,
-                                          cfg.ma.probe_kind if run_ma else None)
+                                          cfg.perflow.cfg_drop, ma.n_probes if ma is not None else 0,
+                                          ma.probe_kind if run_ma else None)
                 with torch.no_grad():
                     pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
                     dist = comps.vae.encode(pixels).latent_dist
@@ -201,11 +218,15 @@ def train(cfg: SD15TrainConfig) -> Path:
                     loss, parts = objective(student, latents, noise, cond, run_ma, fp32_ctx)
                 if not all(math.isfinite(v) for v in parts.values()):
                     raise NonFiniteLossError(f"step {step}: non-finite loss terms {parts}")
+                exploded = {k: v for k, v in parts.items() if abs(v) > cfg.loss_limit}
+                if exploded:
+                    raise NonFiniteLossError(f"step {step}: loss exploded: {exploded} exceeds loss_limit "
+                                             f"{cfg.loss_limit:g}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.debug_dump and step == 0:
                         _dump_step(accelerator, student, loss, parts, Path(cfg.debug_dump))
-                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), opt.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
                     if not math.isfinite(float(grad_norm)):
                         raise NonFiniteLossError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
                 optimizer.step()
@@ -215,14 +236,14 @@ def train(cfg: SD15TrainConfig) -> Path:
         state.step += 1
         mean_parts = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                       for k, v in parts.items()}
-        progress.update(1)
-        progress.set_postfix(**{k: f"{v:.4g}" for k, v in mean_parts.items()})
+        bar.update(1)
+        bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean_parts.items()})
         if accelerator.is_main_process and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": state.step, **mean_parts, "grad_norm": float(grad_norm)}) + "\n")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
-    progress.close()
+    bar.close()
 
     accelerator.wait_for_everyone()
     final = out / "pipeline"
@@ -249,12 +270,3 @@ def _dump_step(accelerator, student, loss: torch.Tensor, parts: dict[str, float]
     if accelerator.is_main_process:
         atomic_torch_save({"parts": mean_parts, "grad": flat, "grad_norm": float(flat.norm()),
                            "processes": accelerator.num_processes}, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("python -m replication.sd15.train", __doc__.split("\n")[0], SD15TrainConfig, check_inputs, train,
-                   argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
