@@ -38,6 +38,22 @@ def notebook_from_py(path: Path):
     return nb
 
 
+#: the notebook kernel logs only critical messages: its start-up notice about the local TCP
+#: transport and its shutdown-time "KeyboardInterrupt caught in kernel" are not the user's business
+#: (errors in the notebook still fail the stage through papermill)
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
+#: warnings the kernel's libraries print that say nothing about the run: tqdm.auto's notice that the
+#: kernel has no widget front end (progress is shown as text, as intended)
+KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
+
+
+def quiet_kernel() -> None:
+    """Add ``KERNEL_WARNING_FILTERS`` to the ``PYTHONWARNINGS`` the kernel inherits."""
+    current = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join([*current, *(f for f in KERNEL_WARNING_FILTERS
+                                                         if f not in current)])
+
+
 def _execute(spec: StageSpec, params: dict, tmp_dir: Path, root: Path, progress: bool) -> Path:
     import nbformat
     import papermill
@@ -49,10 +65,12 @@ def _execute(spec: StageSpec, params: dict, tmp_dir: Path, root: Path, progress:
     # the kernel inherits this process's environment; a user's own OMP_NUM_THREADS wins
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(spec.threads))
+    quiet_kernel()
     papermill.execute_notebook(
         str(source), str(executed), kernel_name="python3", cwd=str(root),
         parameters={"params": params, "out_dir": str(tmp_dir.relative_to(root)), "progress": progress},
         progress_bar=False, log_output=progress, request_save_on_cell_execute=False,
+        extra_arguments=KERNEL_ARGUMENTS,
     )
     source.unlink()
     return executed

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from marflow_core import vp
-from replication.sd15.config import PeRFlowSD15Config, SD15MAConfig
+from marflow_core.marginal import MAConfig
+from replication.sd15 import vp
+from replication.sd15.config import PeRFlowSD15Config
 from replication.sd15.objective import (
     PeRFlowSD15Objective,
     StudentVelocity,
@@ -57,10 +58,11 @@ def test_ma_term_matches_closed_form_for_a_linear_student(divergence, target):
     d = 18
     k = torch.tensor([0, 2, 3])
     x_s = torch.randn(b, *shape, dtype=torch.float64)
-    ma = SD15MAConfig(weight=1.0, substeps=1, divergence=divergence, n_probes=2, fd_fp32=False,
-                      **({"fd_step": 1e-3} if divergence == "hutchinson_fd" else {}))
+    ma = MAConfig(weight=1.0, substeps=1, divergence=divergence, n_probes=2,
+                  **({"fd_step": 1e-3} if divergence == "hutchinson_fd" else {}))
     c_s, c_t = 0.4, 0.9
-    obj = PeRFlowSD15Objective(LinearEps(c_t), ALPHAS, PeRFlowSD15Config(target=target), ma)
+    obj = PeRFlowSD15Objective(LinearEps(c_t), ALPHAS, PeRFlowSD15Config(target=target), 4, ma,
+                               ma_fd_fp32=False)
     probes = torch.randint(0, 2, (2, b, *shape)).double() * 2 - 1  # Rademacher: e^T (a I) e = a d exactly
     got = obj.ma_term(LinearEps(c_s), x_s, k, _cond(b), probes)
     tau_s, tau_e = vp.window_bounds_tau(k, 4)
@@ -82,8 +84,9 @@ def test_ma_window_weights_and_normalisation():
     probes = torch.ones(1, b, 2, 3, 3, dtype=torch.float64)
 
     def term(**kw):
-        ma = SD15MAConfig(substeps=1, fd_fp32=False, **kw)
-        return float(PeRFlowSD15Objective(LinearEps(0.5), ALPHAS, PeRFlowSD15Config(), ma)
+        ma = MAConfig(substeps=1, divergence="hutchinson_fd", fd_step=1e-2, **kw)
+        return float(PeRFlowSD15Objective(LinearEps(0.5), ALPHAS, PeRFlowSD15Config(), 4, ma,
+                                          ma_fd_fp32=False)
                      .ma_term(LinearEps(0.3), x_s, k, _cond(b), probes))
 
     assert term(normalize_by_dim=False) == pytest.approx(18 * term())
@@ -117,7 +120,7 @@ def test_per_sample_draws_do_not_depend_on_the_batch_split():
 def test_window_sample_start_and_target():
     """x_s is the VP marginal at the window start; the eps target makes the jump land on y_T."""
     obj = PeRFlowSD15Objective(lambda x, t, c: SimpleNamespace(sample=0.2 * x), ALPHAS,
-                               PeRFlowSD15Config(teacher_steps=3), None)
+                               PeRFlowSD15Config(teacher_steps=3), 4, None)
     z = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     noise = SimpleNamespace(u=torch.tensor([0.0, 0.3, 0.6, 0.999]), noise=torch.randn_like(z))
     tau, k, x_s, y = obj.window_sample(z, noise, _cond(4))

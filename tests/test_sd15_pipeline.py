@@ -1,4 +1,5 @@
-"""SD 1.5 tier end to end on tiny offline stand-ins: train (PeRFlow + MA) through the user's entry point,
+"""SD 1.5 tier end to end on tiny offline stand-ins: train (PeRFlow + MA) through the user's entry point
+(``python -m replication.stage sd15_train``),
 load and sample the saved pipeline, evaluate it with the COCO code, and check that two processes
 compute the same step as one process with the same global batch."""
 
@@ -45,25 +46,31 @@ def _env() -> dict[str, str]:
 
 
 def _train_config(tmp: Path, sd: Path, data: Path, out: str, **over) -> Path:
+    """A params file whose ``sd15_train`` section is a 2-step PeRFlow + MA run on the tiny inputs."""
     cfg = {"model_dir": str(sd), "data_dir": str(data), "output_dir": str(tmp / out), "resolution": 16,
            "steps": 2, "batch_size": 2, "mixed_precision": "no", "checkpoint_every": 1,
-           "dataloader_workers": 0, "progress": False, "ema_decay": 0.5,
+           "dataloader_workers": 0, "ema_decay": 0.5,
            "debug_dump": str(tmp / f"{out}_dump.pt"),
+           "student": {"method": "perflow", "windows": 4, "ma": True, "seeds": [0]},
            "perflow": {"teacher_steps": 2, "cfg_drop": 0.5},
-           "ma": {"weight": 0.5, "substeps": 2, "n_probes": 2},
-           "optim": {"warmup": 0, "lr": 1e-3}}
+           "ma": {"weight": 0.5, "substeps": 2, "n_probes": 2, "divergence": "hutchinson_fd", "fd_step": 1e-2},
+           "warmup": 0, "lr": 1e-3}
     cfg.update(over)
     path = tmp / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump({"sd15_train": cfg}))
     return path
+
+
+def _stage_command(params: Path) -> list[str]:
+    return ["-m", "replication.stage", "sd15_train", "--params", str(params), "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd, caption_folder, tmp_path_factory):
-    """One 2-step PeRFlow + MA run of ``python -m replication.sd15.train`` (subprocess)."""
+    """One 2-step PeRFlow + MA run of ``python -m replication.stage sd15_train`` (subprocess)."""
     tmp = tmp_path_factory.mktemp("train")
     cfg = _train_config(tmp, tiny_sd, caption_folder, "run")
-    proc = subprocess.run([sys.executable, "-m", "replication.sd15.train", "--config", str(cfg)],
+    proc = subprocess.run([sys.executable, *_stage_command(cfg)],
                           cwd=tmp, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
@@ -87,12 +94,14 @@ def test_training_writes_pipeline_delta_weights_checkpoints_and_log(trained, tin
     sched = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "PeRFlowScheduler" and sched["prediction_type"] == "diff_eps"
     assert sched["num_time_windows"] == 4
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["scheduler"] == ["replication.sd15.scheduler", "PeRFlowScheduler"]
 
 
 def test_saved_pipeline_samples_in_four_steps(trained):
     from diffusers import StableDiffusionPipeline
 
-    import marflow_core.scheduler  # noqa: F401  (registers the scheduler class for diffusers)
+    import replication.sd15.scheduler  # noqa: F401  (registers the scheduler class for diffusers)
 
     pipe = StableDiffusionPipeline.from_pretrained(trained / "run" / "pipeline", safety_checker=None)
     assert type(pipe.scheduler).__name__ == "PeRFlowScheduler"
@@ -107,15 +116,17 @@ def test_saved_pipeline_samples_in_four_steps(trained):
 
 def test_resume_uses_the_last_checkpoint_and_refuses_a_changed_config(trained, tiny_sd, caption_folder, capsys):
     """The newest checkpoint is the one resumed; a run dir of another config is refused, key named."""
+    from replication import registry, stage
+    from replication.config import load_params
     from replication.sd15 import train
-    from replication.sd15.config import SD15TrainConfig, load_config
 
-    cfg = load_config(SD15TrainConfig, trained / "run.yaml")
+    cfg = registry.section(load_params(trained / "run.yaml"), "sd15_train")
     assert train.latest_checkpoint(Path(cfg.output_dir)).name == "checkpoint-2"
-    changed = _train_config(trained, tiny_sd, caption_folder, "run", seed=1)
-    assert train.main(["--config", str(changed)]) == 2
+    student = {"method": "perflow", "windows": 4, "ma": True, "seeds": [1]}
+    changed = _train_config(trained, tiny_sd, caption_folder, "run", student=student)
+    assert stage.main(["sd15_train", "--params", str(changed)]) == 2
     err = capsys.readouterr().err
-    assert "seed = 1" in err and "seed = 0" in err
+    assert "student.seeds = [1]" in err and "student.seeds = [0]" in err
 
 
 def test_two_processes_match_one_process(trained, tiny_sd, caption_folder):
@@ -125,7 +136,7 @@ def test_two_processes_match_one_process(trained, tiny_sd, caption_folder):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(29500 + os.getpid() % 1000),
-           "-m", "replication.sd15.train", "--config", str(cfg)]
+           *_stage_command(cfg)]
     proc = subprocess.run(cmd, cwd=trained, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = torch.load(trained / "run_dump.pt"), torch.load(trained / "ddp_dump.pt")
@@ -147,10 +158,10 @@ def test_coco_evaluation_of_student_and_teacher(trained, tiny_sd, coco_folder, t
     cfg = SD15EvalConfig(
         coco_dir=str(coco_folder), output_dir=str(tmp_path / "eval"), n_prompts=4, resolution=16, batch_size=3,
         fid_extractor="tiny-test-fid", clip_model=register_tiny_clip(), clip_pretrained="",
-        mixed_precision="no", progress=False,
+        mixed_precision="no",
         models={"student": ModelSpec(path=str(trained / "run" / "pipeline"), steps=[4], guidance=1.0),
                 "teacher": ModelSpec(path=str(tiny_sd), scheduler="ddim", steps=[1, 2], guidance=2.0)})
-    metrics = evaluate(cfg, device=torch.device("cpu"))
+    metrics = evaluate(cfg, device=torch.device("cpu"), progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     rows = {(r["model"], r["steps"]): r for r in saved["rows"]}

@@ -15,7 +15,7 @@ not in architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from marflow_core import InvalidParameter, MAConfig, PeRFlowConfig, ReflowPairConfig, TrainConfig
 from marflow_core.unet import UNetConfig
@@ -90,12 +90,19 @@ class StudentsConfig(TrainConfig):
     """Section ``cifar10_students``: every student starts from the teacher's weights and trains with
     these optimizer settings. ``perflow``: the online window solve of PeRFlow students (starts from
     noised data); ``ma``: the MA settings shared by every student with ``ma: true`` (a student may
-    override ``weight`` and ``substeps``), scored by the teacher cut off at ``t_max``."""
+    override ``weight`` and ``substeps``), scored by the teacher cut off at ``t_max``.
+
+    ``dropout`` replaces ``cifar10.model.dropout`` in the students (the weights are the same). It is
+    0 by default and must be 0 for MA with ``divergence: hutchinson_fd``: that estimate differences
+    two evaluations of the network, which would draw two dropout masks, and the masks' difference
+    divided by ``fd_step`` would swamp the divergence.
+    """
 
     steps: int = 50000
     lr: float = 5e-5
     checkpoint_every: int = 5000
     log_every: int = 100
+    dropout: float = 0.0
     t_max: float = 0.99
     perflow: PeRFlowConfig = field(default_factory=lambda: PeRFlowConfig(teacher_steps=8, solver="euler"))
     ma: MAConfig = field(default_factory=lambda: MAConfig(weight=0.1, substeps=1, divergence="hutchinson_fd"))
@@ -107,7 +114,16 @@ class StudentsConfig(TrainConfig):
             require(name != "teacher" and name.isidentifier(), f"{where}.students.{name}", name,
                     "a Python identifier other than 'teacher' (FID rows are keyed by it)")
         require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "must lie in (0, 1)")
+        require(0 <= self.dropout < 1, f"{where}.dropout", self.dropout, "must lie in [0, 1)")
+        fd = [name for name, spec in self.students.items() if spec.ma and self.ma.divergence == "hutchinson_fd"]
+        require(self.dropout == 0 or not fd, f"{where}.dropout", self.dropout,
+                f"must be 0 with ma.divergence 'hutchinson_fd' (students {fd}): its two network "
+                f"evaluations would draw different dropout masks")
         check_window_weights(self.students, self.ma, where)
+
+    def student_unet(self, shared: UNetConfig) -> UNetConfig:
+        """The students' UNet: ``shared`` with this section's ``dropout``."""
+        return replace(shared, dropout=self.dropout)
 
     def inactive_fields(self) -> dict[str, str]:
         unused = unused_pairing_sections(self.students, PAIRING_SECTIONS)

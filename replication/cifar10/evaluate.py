@@ -84,7 +84,7 @@ def stage_fid(configs: dict, progress: bool = True) -> dict:
         if seed is None:
             model, tag = load_teacher(cfg)[0], name
         else:
-            model, tag = load_student(cfg, name, seed, students.students[name]), f"{name}_seed{seed}"
+            model, tag = load_student(cfg, students, name, seed), f"{name}_seed{seed}"
         for nfe in nfes:
             images = generate(model, TimeWindows(k), nfe, f.n_samples, f.batch_size, cfg.seed, cfg.device)
             if f.grid_images:

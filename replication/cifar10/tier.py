@@ -41,7 +41,7 @@ from marflow_core import (
     load_pairs,
     train,
 )
-from marflow_core.unet import UNetVelocity
+from marflow_core.unet import UNetConfig, UNetVelocity
 
 from ..common import fingerprint
 from ..common.methods import method_module
@@ -62,8 +62,8 @@ def code_digest(student: StudentSpec | None = None) -> str:
     return fingerprint.code_digest([TRAINING_MODULE, *extra])
 
 
-def make_model(cfg: Cifar10Config) -> UNetVelocity:
-    return UNetVelocity(CHANNELS, SIZE, cfg.model)
+def make_model(model: UNetConfig) -> UNetVelocity:
+    return UNetVelocity(CHANNELS, SIZE, model)
 
 
 def ckpt(cfg: Cifar10Config, *parts: str) -> Path:
@@ -79,11 +79,11 @@ def teacher_meta(cfg: Cifar10Config) -> dict:
     return {"tier": "cifar10", "role": "teacher", "model": asdict(cfg.model)}
 
 
-def student_meta(cfg: Cifar10Config, name: str, seed: int, student: StudentSpec) -> dict:
+def student_meta(model: UNetConfig, name: str, seed: int, student: StudentSpec) -> dict:
     """What a student checkpoint must have been made for (its other seeds do not matter)."""
     spec = {k: v for k, v in asdict(student).items() if k != "seeds"}
-    return {"tier": "cifar10", "role": "student", "model": asdict(cfg.model), "name": name,
-            "seed": seed, **spec}
+    return {"tier": "cifar10", "role": "student", "model": asdict(model), "name": name, "seed": seed,
+            **spec}
 
 
 @dataclass
@@ -134,7 +134,7 @@ def stage_teacher(configs: dict, progress: bool = True) -> dict:
     prepare_run_dir(run_dir, {"seed": cfg.seed, "data": asdict(cfg.data), "model": asdict(cfg.model),
                               "train": asdict(teacher_cfg.train_config()), "code": code_digest()})
     torch.manual_seed(cfg.seed)  # the initial weights (and the dropout stream)
-    model = make_model(cfg).to(cfg.device)
+    model = make_model(cfg.model).to(cfg.device)
     batch_fn = data_batches(train_images(cfg), teacher_cfg.batch_size, cfg.data.hflip, cfg.device)
     result = train(model, FlowMatchingObjective(), batch_fn, teacher_cfg.train_config(), run_dir,
                    progress=progress, desc="cifar10 teacher", meta=teacher_meta(cfg), seed=cfg.seed)
@@ -147,7 +147,7 @@ def load_teacher(cfg: Cifar10Config) -> tuple[UNetVelocity, dict]:
     path = ckpt(cfg, "teacher", LAST)
     if not path.is_file():
         raise FileNotFoundError(f"no teacher checkpoint {path}: run the cifar10_teacher stage first")
-    model = make_model(cfg)
+    model = make_model(cfg.model)
     state = load_checkpoint(path, model, teacher_meta(cfg))
     stamp = path.parent / STAMP
     identity = {"run": json.loads(stamp.read_text()) if stamp.is_file() else None, "step": state["step"]}
@@ -197,7 +197,7 @@ def build_student_objective(cfg: Cifar10Config, students: StudentsConfig, studen
 def student_fingerprint(cfg: Cifar10Config, students: StudentsConfig, pairs: ReflowPairConfig,
                         student: StudentSpec, seed: int, teacher_identity: dict) -> dict:
     """Everything a student run depends on: only its own pairing's settings, MA only with MA."""
-    stamp = {"teacher": teacher_identity, "model": asdict(cfg.model), "seed": seed,
+    stamp = {"teacher": teacher_identity, "model": asdict(students.student_unet(cfg.model)), "seed": seed,
              "student": {k: v for k, v in asdict(student).items() if k != "seeds"},
              "train": asdict(students.train_config()), "code": code_digest(student)}
     if student.record.pairing == "teacher_pairs":
@@ -216,6 +216,7 @@ def stage_students(configs: dict, progress: bool = True) -> dict:
     pairs: ReflowPairConfig = configs["cifar10_pairs"]
     students: StudentsConfig = configs["cifar10_students"]
     teacher, identity = load_teacher(cfg)
+    unet = students.student_unet(cfg.model)
     loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bank() -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,21 +231,22 @@ def stage_students(configs: dict, progress: bool = True) -> dict:
         prepare_run_dir(run_dir, student_fingerprint(cfg, students, pairs, student, seed, identity))
         objective, batch_fn = build_student_objective(cfg, students, student, teacher, bank)
         torch.manual_seed(seed)  # the dropout stream
-        model = make_model(cfg).to(cfg.device)
+        model = make_model(unet).to(cfg.device)
         model.load_state_dict(teacher.state_dict())  # students start from the teacher
         model.requires_grad_(True)
         result = train(model, objective, batch_fn, students.train_config(), run_dir, progress=progress,
-                       desc=f"cifar10 {name} seed {seed}", meta=student_meta(cfg, name, seed, student),
+                       desc=f"cifar10 {name} seed {seed}", meta=student_meta(unet, name, seed, student),
                        seed=seed)
         out.setdefault(name, {})[f"seed{seed}"] = summary(result)
     return out
 
 
-def load_student(cfg: Cifar10Config, name: str, seed: int, student: StudentSpec) -> UNetVelocity:
+def load_student(cfg: Cifar10Config, students: StudentsConfig, name: str, seed: int) -> UNetVelocity:
     """A trained student, in eval mode on ``cfg.device``."""
     path = student_dir(cfg, name, seed) / LAST
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path}: run the cifar10_students stage first")
-    model = make_model(cfg)
-    load_checkpoint(path, model, student_meta(cfg, name, seed, student))
+    unet = students.student_unet(cfg.model)
+    model = make_model(unet)
+    load_checkpoint(path, model, student_meta(unet, name, seed, students.students[name]))
     return model.to(cfg.device).eval()

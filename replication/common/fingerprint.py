@@ -38,9 +38,13 @@ def _file_of(module: str, root: Path) -> Path | None:
     return None
 
 
-@cache
 def _parse(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(), filename=str(path))
+    return _parse_text(path.read_text(), str(path))
+
+
+@cache
+def _parse_text(text: str, filename: str) -> ast.Module:
+    return ast.parse(text, filename=filename)
 
 
 def _is_reexport_only(tree: ast.Module) -> bool:

@@ -8,6 +8,7 @@ diffusers pipeline folder (with PeRFlow's scheduler) and as delta weights ``stud
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -58,6 +59,25 @@ def load_components(model_dir: str | Path, device: torch.device, weight_dtype: t
     return SDComponents(vae, text_encoder, tokenizer, teacher, student, alphas, dict(sched.config))
 
 
+def load_sd_pipeline(path: str | Path, dtype: torch.dtype | None = None):
+    """``StableDiffusionPipeline`` of a local folder (no safety checker, never a hub download).
+
+    A folder saved with PeRFlow's scheduler gets it from ``replication.sd15.scheduler`` whatever
+    module its ``model_index.json`` records (folders saved before the scheduler moved out of
+    ``marflow_core`` name ``marflow_core.scheduler``)."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    sched = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    if sched.get("_class_name") == "PeRFlowScheduler":
+        from .scheduler import PeRFlowScheduler
+
+        kw["scheduler"] = PeRFlowScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    return StableDiffusionPipeline.from_pretrained(path, **kw)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder ``tmp`` onto ``final`` (the old one, if any, is removed after)."""
     old = final.with_name(f".{final.name}.old")
@@ -72,11 +92,9 @@ def save_student(student: torch.nn.Module, model_dir: str | Path, out_dir: Path,
                  delta_weights: bool) -> Path:
     """Write ``out_dir/pipeline/`` (teacher's VAE, text encoder, tokenizer + the student UNet + the
     PeRFlow ``scheduler``) and ``out_dir/delta_weights.safetensors``; returns the pipeline folder."""
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save
 
-    base = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True)
+    base = load_sd_pipeline(model_dir)
     teacher_state = {k: v.detach().float().cpu().clone() for k, v in base.unet.state_dict().items()}
     base.unet.load_state_dict(student.state_dict())
     base.scheduler = scheduler

@@ -1,9 +1,8 @@
 """COCO-2017 text-to-image evaluation of any diffusers SD pipeline folder (teacher, published, ours).
 
-    python -m replication.sd15.evaluate --config CONFIG.yaml [--section KEY]
-    accelerate launch -m replication.sd15.evaluate ...   (one process; generation is not sharded)
+    python -m replication.stage sd15_eval [--params FILE]   (one process; generation is not sharded)
 
-The YAML maps onto ``SD15EvalConfig``. For each model and step count: images from the first caption of
+The stage ``sd15_eval`` (``stages.py``) calls ``run_stage`` with its section, an ``SD15EvalConfig``. For each model and step count: images from the first caption of
 the first ``n_prompts`` val images, seed ``seed + i`` for image ``i``, at ``resolution`` px; FID
 against the centre-cropped val images and the CLIP score (cosine similarity). Writes
 ``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside
@@ -16,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -26,8 +25,8 @@ from PIL import Image
 from marflow_core.atomic import atomic_write_text
 
 from ..config import ConfigError
-from .config import ModelSpec, SD15EvalConfig, run_cli
-from .inputs import check_coco_dir, check_pipeline_dir
+from .config import ModelSpec, SD15EvalConfig
+from .inputs import check_coco_dir, check_pipeline_dir, checked_inputs
 
 ClipFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
 
@@ -55,27 +54,17 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
 
 def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """The pipeline of ``spec.path`` with the requested scheduler (and delta weights) on ``device``."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-    )
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    import marflow_core.scheduler as perflow_sched  # noqa: F401  (lets diffusers load our students' scheduler)
+    from .components import load_sd_pipeline, merge_delta_weights
+    from .scheduler import perflow_scheduler_from
 
-    pipe = StableDiffusionPipeline.from_pretrained(spec.path, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = load_sd_pipeline(spec.path, dtype=dtype)
     if spec.delta_weights:
-        from .components import merge_delta_weights
-
         merge_delta_weights(pipe.unet, spec.delta_weights)
     config = pipe.scheduler.config
     if spec.scheduler == "perflow":
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        pipe.scheduler = perflow_sched.PeRFlowScheduler(
-            **{k: config[k] for k in keys if k in config}, prediction_type=spec.perflow_prediction_type,
-            t_noise=1, t_clean=0, num_time_windows=spec.perflow_windows)
+        pipe.scheduler = perflow_scheduler_from(config, spec.perflow_prediction_type, spec.perflow_windows)
     elif spec.scheduler != "own":
         cls = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler,
                "euler": EulerDiscreteScheduler}[spec.scheduler]
@@ -85,7 +74,7 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
 
 
 def generate(pipe, prompts: list, steps: int, guidance: float, cfg: SD15EvalConfig, out: Path,
-             device: torch.device) -> Path:
+             device: torch.device, progress: bool = True) -> Path:
     """``out/<image_id>.png`` for every prompt (seed ``cfg.seed + i``), written to a temp folder then
     renamed; an existing complete folder is reused (an interrupted run resumes per setting)."""
     from tqdm.auto import tqdm
@@ -97,7 +86,7 @@ def generate(pipe, prompts: list, steps: int, guidance: float, cfg: SD15EvalConf
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen_device = "cpu" if device.type == "mps" else device
-    for lo in tqdm(range(0, len(prompts), cfg.batch_size), disable=not cfg.progress, desc=f"{out.parent.name} {steps} steps"):
+    for lo in tqdm(range(0, len(prompts), cfg.batch_size), disable=not progress, desc=f"{out.parent.name} {steps} steps"):
         batch = prompts[lo:lo + cfg.batch_size]
         gens = [torch.Generator(gen_device).manual_seed(cfg.seed + lo + j) for j in range(len(batch))]
         images = pipe([p.caption for p in batch], num_inference_steps=steps, guidance_scale=guidance,
@@ -119,8 +108,18 @@ def clip_score(folder: Path, prompts: list, scorer: ClipFn, batch_size: int) -> 
     return float(torch.cat(sims).mean())
 
 
-def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: torch.device | None = None) -> dict:
-    """Generate, score and write ``metrics.json`` + ``comparison.md``; returns the metrics dict."""
+def run_stage(configs: dict[str, SD15EvalConfig], progress: bool) -> dict[str, Any]:
+    """The ``sd15_eval`` stage: check the inputs, then generate and score every model."""
+    ((section, cfg),) = configs.items()
+    checked_inputs(section, check_inputs, cfg)
+    metrics = evaluate(cfg, progress=progress)
+    return {"metrics": str(Path(cfg.output_dir) / "metrics.json"), "rows": len(metrics["rows"])}
+
+
+def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: torch.device | None = None,
+             progress: bool = True) -> dict:
+    """Check the inputs, generate, score and write ``metrics.json`` + ``comparison.md``; returns the
+    metrics dict."""
     from .coco import coco_prompts, write_references
     from .metrics import ClipScorer, fid
     from .references import comparison_table
@@ -142,7 +141,8 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
     for name, spec in cfg.models.items():
         pipe = load_pipeline(spec, device, dtype)
         for steps in spec.steps:
-            folder = generate(pipe, prompts, steps, spec.guidance, cfg, out / "images" / name / f"steps_{steps}", device)
+            folder = generate(pipe, prompts, steps, spec.guidance, cfg, out / "images" / name / f"steps_{steps}",
+                              device, progress)
             row = {"model": name, "steps": steps, "scheduler": spec.scheduler, "guidance": spec.guidance,
                    "fid": fid(folder, reference, cfg.fid_extractor, cfg.fid_extractor_weights, device.type == "cuda"),
                    "clip": clip_score(folder, prompts, clip_scorer, cfg.batch_size)}
@@ -160,12 +160,3 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
             f"CLIP {cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}")
     atomic_write_text(comparison_table(rows, protocol_note=note), out / "comparison.md")
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("python -m replication.sd15.evaluate", __doc__.split("\n")[0], SD15EvalConfig, check_inputs, evaluate,
-                   argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

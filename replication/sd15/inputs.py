@@ -34,6 +34,14 @@ class MissingInput(ConfigError):
     """An input file or folder that is absent or laid out wrongly; the message says where it goes."""
 
 
+def checked_inputs(section: str, check, cfg):
+    """``check(cfg)``, with a ``ConfigError`` it raises prefixed by the params ``section`` it is about."""
+    try:
+        return check(cfg)
+    except ConfigError as err:
+        raise type(err)(f"{section}: {err}") from None
+
+
 def _missing(key: str, path: Path, what: str, hint: str) -> MissingInput:
     return MissingInput(f"{key} = {str(path)!r}: missing {what}; {hint}")
 

@@ -31,7 +31,7 @@ from marflow_core.errors import NonFiniteLossError
 
 from ..config import ConfigError
 from .config import SD15TrainConfig
-from .inputs import check_pipeline_dir, read_caption_folder
+from .inputs import check_pipeline_dir, checked_inputs, read_caption_folder
 
 #: config keys that may change when a run resumes (they do not change what is computed)
 RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
@@ -121,8 +121,8 @@ def ma_context(accelerator, cfg: SD15TrainConfig):
 
 def run_stage(configs: dict[str, SD15TrainConfig], progress: bool) -> dict[str, Any]:
     """The ``sd15_train`` / ``sd15_train_perflow`` stage: check the inputs, then train (resuming)."""
-    (cfg,) = configs.values()
-    check_inputs(cfg)
+    ((section, cfg),) = configs.items()
+    checked_inputs(section, check_inputs, cfg)
     pipeline = train(cfg, progress)
     return {"pipeline": str(pipeline), "steps": cfg.steps}
 
