@@ -21,10 +21,21 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
+from .errors import InvalidParameter
 from .seeding import derive_seed
+from .solvers import FIXED_METHODS
 
 #: ``make_shard(seed, size) -> {name: (size, ...) tensor}``
 ShardMaker = Callable[[int, int], dict[str, torch.Tensor]]
+
+
+def check_bank_config(config: Any, counts: tuple[str, ...]) -> None:
+    """A bank config's checks: every field in ``counts`` >= 1, ``solver`` a fixed-grid solver."""
+    for key in counts:
+        if getattr(config, key) < 1:
+            raise InvalidParameter(key, getattr(config, key), "must be >= 1")
+    if config.solver not in FIXED_METHODS:
+        raise InvalidParameter("solver", config.solver, f"one of {FIXED_METHODS}")
 
 
 def shard_seed(base_seed: int, stream_name: str, shard: int) -> int:

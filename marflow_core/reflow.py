@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from . import banks
-from .errors import InvalidParameter
 from .models import VelocityField
-from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
+from .solvers import odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 
 SHARD_PATTERN = "pairs_seed{seed:019d}.pt"
@@ -35,11 +34,7 @@ class ReflowPairConfig:
     batch_size: int = 4096
 
     def __post_init__(self) -> None:
-        for key in ("n_pairs", "shard_size", "steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise InvalidParameter(key, getattr(self, key), "must be >= 1")
-        if self.solver not in FIXED_METHODS:
-            raise InvalidParameter("solver", self.solver, f"one of {FIXED_METHODS}")
+        banks.check_bank_config(self, ("n_pairs", "shard_size", "steps", "batch_size"))
 
 
 def shard_seed(base_seed: int, shard: int) -> int:

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from . import banks
-from .errors import InvalidParameter
 from .models import VelocityField, expand_time
 from .seeding import stream
-from .solvers import FIXED_METHODS, odeint_fixed, uniform_grid
+from .solvers import odeint_fixed, uniform_grid
 from .trajectory import WindowBatch
 from .windows import TimeWindows
 
@@ -44,11 +43,7 @@ class WindowBankConfig:
     batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        for key in ("n_entries", "shard_size", "teacher_steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise InvalidParameter(key, getattr(self, key), "must be >= 1")
-        if self.solver not in FIXED_METHODS:
-            raise InvalidParameter("solver", self.solver, f"one of {FIXED_METHODS}")
+        banks.check_bank_config(self, ("n_entries", "shard_size", "teacher_steps", "batch_size"))
 
 
 def shard_seed(base_seed: int, shard: int) -> int:

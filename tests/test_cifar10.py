@@ -188,6 +188,11 @@ def test_every_stage_runs_through_the_stage_runner_on_cpu(tmp_path, capsys):
     new = torch.load(reflow_ckpt, weights_only=True)
     assert new["config"]["lr"] == 5e-4 and old["config"]["lr"] == 1e-3
     assert not torch.equal(new["model"]["unet.conv_in.weight"], old["model"]["unet.conv_in.weight"])
+    # an unfinished teacher is never distilled
+    state = torch.load(teacher_ckpt, weights_only=True)
+    torch.save({**state, "step": 1}, teacher_ckpt)
+    with pytest.raises(RuntimeError, match="stopped at step 1 of 2"):
+        main(["cifar10_pairs", "--params", str(path), "--quiet"])
 
 
 def test_stage_command_line_validates_the_tiny_params(tmp_path):

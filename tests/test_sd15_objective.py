@@ -95,6 +95,113 @@ def test_ma_window_weights_and_normalisation():
     assert per[0] != pytest.approx(per[1])
 
 
+def _sd_ma_loop(obj, unet, x_s, k, cond, probes, ma):
+    """The MA term as the SD tier computed it before it called the core: Euler sub-steps in SD's own
+    loop, float32 log-det, float64 times (a reference for ``ma_term``)."""
+    from marflow_core.divergence import finite_difference_divergence, hutchinson_divergence
+    from replication.sd15.objective import StudentVelocity
+
+    x, field = x_s.detach(), StudentVelocity(unet, cond.student, k, ALPHAS, 4, obj.perflow.target)
+    tau_s, tau_e = vp.window_bounds_tau(k, 4)
+    t_s, t_e = vp.t_from_tau(tau_s), vp.t_from_tau(tau_e)
+    logdet = torch.zeros(x.shape[0], dtype=torch.float32)
+    for i in range(ma.substeps):
+        t, h = t_s + (t_e - t_s) * i / ma.substeps, (t_e - t_s) / ma.substeps
+        if ma.divergence == "hutchinson_fd":
+            v, div = finite_difference_divergence(field, x, t, probes, ma.fd_step, create_graph=True)
+        else:
+            v, div = hutchinson_divergence(field, x, t, probes, create_graph=True)
+        logdet = logdet + h.float() * div.float()
+        x = x + h.reshape(-1, 1, 1, 1).to(x.dtype) * v
+    index = vp.table_index(tau_e).clamp(min=0)
+    score = vp.teacher_score(obj.teacher_eps(cond)(x.detach(), index), vp.abar_at(ALPHAS, tau_e))
+    return (-logdet - (score.float() * x.float()).flatten(1).sum(-1)).mean() / x[0].numel()
+
+
+class TanhEps:
+    """A nonlinear stand-in: ``eps(x) = tanh(c x) + 0.1 x^2`` (its divergence varies along the path)."""
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+
+    def __call__(self, x, timestep, text):
+        return SimpleNamespace(sample=torch.tanh(self.c * x) + 0.1 * x * x)
+
+
+@pytest.mark.parametrize("divergence", ["hutchinson_fd", "hutchinson"])
+@pytest.mark.parametrize("target", ["diff_eps", "velocity"])
+def test_ma_term_through_the_core_is_the_sd_loop(divergence, target):
+    """``ma_term`` (the core's ``ma_surrogate`` through the adapters) computes what the SD tier's own
+    sub-step loop computed, for a nonlinear student over 3 sub-steps."""
+    b, shape = 4, (2, 3, 3)
+    k = torch.tensor([0, 1, 2, 3])
+    gen = torch.Generator().manual_seed(0)
+    x_s = torch.randn(b, *shape, dtype=torch.float64, generator=gen)
+    probes = torch.randn(2, b, *shape, dtype=torch.float64, generator=gen)
+    ma = MAConfig(weight=1.0, substeps=3, divergence=divergence, n_probes=2,
+                  **({"fd_step": 1e-3} if divergence == "hutchinson_fd" else {}))
+    obj = PeRFlowSD15Objective(TanhEps(0.8), ALPHAS, PeRFlowSD15Config(target=target), 4, ma,
+                               ma_fd_fp32=False)
+    got = obj.ma_term(TanhEps(0.5), x_s, k, _cond(b), probes)
+    want = _sd_ma_loop(obj, TanhEps(0.5), x_s, k, _cond(b), probes, ma)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6, abs=1e-9)
+
+
+def test_ma_term_keeps_a_float32_state_under_float16_latents():
+    """fp16 latents (mixed precision without ``ma_fd_fp32``): the UNet sees fp16, the path, log-det
+    and score product stay float32, close to the float64 value."""
+    b, shape = 3, (2, 3, 3)
+    k = torch.tensor([0, 2, 3])
+    gen = torch.Generator().manual_seed(1)
+    x_s = torch.randn(b, *shape, generator=gen)
+    probes = (torch.randint(0, 2, (1, b, *shape), generator=gen) * 2 - 1).float()
+    seen = []
+
+    class Recording(LinearEps):
+        def __call__(self, x, timestep, text):
+            seen.append(x.dtype)
+            return super().__call__(x, timestep, text)
+
+    ma = MAConfig(weight=1.0, substeps=2, divergence="hutchinson", n_probes=1)
+    obj = PeRFlowSD15Objective(LinearEps(0.9), ALPHAS, PeRFlowSD15Config(), 4, ma, ma_fd_fp32=False)
+    half = obj.ma_term(Recording(0.4), x_s.half(), k, _cond(b), probes)
+    full = obj.ma_term(LinearEps(0.4), x_s.double(), k, _cond(b), probes)
+    assert half.dtype == torch.float32 and set(seen) == {torch.float16}
+    assert float(half) == pytest.approx(float(full), rel=1e-2)
+    fp32 = PeRFlowSD15Objective(LinearEps(0.9), ALPHAS, PeRFlowSD15Config(), 4,
+                                MAConfig(substeps=1, divergence="hutchinson_fd", fd_step=1e-2), ma_fd_fp32=True)
+    seen.clear()
+    assert fp32.ma_term(Recording(0.4), x_s.half(), k, _cond(b), probes).dtype == torch.float32
+    assert set(seen) == {torch.float32}  # ma_fd_fp32: the finite-difference passes get float32
+
+
+def test_given_probes_replace_the_generator_draw_in_the_core():
+    """``ma_surrogate(probes=...)`` with the probes a generator would draw is bit-identical to drawing
+    them; with ``batch_fraction`` the probes of the kept rows are used."""
+    from marflow_core import (
+        GaussianMixtureTeacher,
+        VelocityTeacher,
+        WindowBatch,
+        ma_surrogate,
+        sample_probes,
+    )
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, generator=gen)
+    t0, t1 = torch.full((6,), 0.25), torch.full((6,), 0.5)
+    wb = WindowBatch(x, x, torch.ones(6, dtype=torch.long), t0, t0, t1)
+    teacher = GaussianMixtureTeacher([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.3, 0.3])
+    student = VelocityTeacher(lambda z, t: torch.sin(z) * (1 + t[:, None])).velocity
+    for kind in ("hutchinson", "hutchinson_fd"):
+        cfg = MAConfig(divergence=kind, n_probes=3, probe_kind="gaussian", substeps=2)
+        drawn = ma_surrogate(student, teacher, wb, cfg, torch.Generator().manual_seed(5))
+        probes = sample_probes(x, 3, "gaussian", torch.Generator().manual_seed(5))
+        assert torch.equal(ma_surrogate(student, teacher, wb, cfg, probes=probes), drawn)
+        half = MAConfig(divergence=kind, n_probes=3, probe_kind="gaussian", substeps=2, batch_fraction=0.5)
+        assert torch.equal(ma_surrogate(student, teacher, wb, half, probes=probes),
+                           ma_surrogate(student, teacher, wb.head(3), cfg, probes=probes[:, :3]))
+
+
 def test_cfg_sync_and_baked_guidance():
     text, null = torch.ones(3, 2, 4), torch.zeros(3, 2, 4)
     keep = torch.tensor([True, False, True])

@@ -114,6 +114,22 @@ def test_saved_pipeline_samples_in_four_steps(trained):
     assert calls == [1000.0, 750.0, 500.0, 250.0]  # one step per window, starting at each window start
 
 
+def test_a_pipeline_saved_before_the_scheduler_moved_still_loads(trained, tmp_path):
+    """Folders saved when the scheduler lived in ``marflow_core`` name that module in
+    ``model_index.json``; the tier's loader (the evaluator's) gets the class from its new home."""
+    import shutil
+
+    from replication.sd15.components import load_sd_pipeline
+    from replication.sd15.scheduler import PeRFlowScheduler
+
+    old = shutil.copytree(trained / "run" / "pipeline", tmp_path / "old")
+    index = json.loads((old / "model_index.json").read_text())
+    index["scheduler"] = ["marflow_core.scheduler", "PeRFlowScheduler"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    pipe = load_sd_pipeline(old)
+    assert isinstance(pipe.scheduler, PeRFlowScheduler) and pipe.scheduler.config.num_time_windows == 4
+
+
 def test_resume_uses_the_last_checkpoint_and_refuses_a_changed_config(trained, tiny_sd, caption_folder, capsys):
     """The newest checkpoint is the one resumed; a run dir of another config is refused, key named."""
     from replication import registry, stage

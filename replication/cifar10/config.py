@@ -57,7 +57,8 @@ class Cifar10Config:
     """Section ``cifar10``, read by every stage. ``seed`` seeds the teacher's run, the pair bank and
     the FID noise (each student has its own ``seeds``); ``device`` must exist on this machine;
     checkpoints, the pair bank and the FID feature cache go under ``checkpoint_dir``, ``fid.json``
-    and the sample grids under ``out_dir``."""
+    and the sample grids under ``out_dir``. ``model`` is the UNet of the teacher and, with
+    ``cifar10_students.dropout``, of the students."""
 
     seed: int = 0
     device: str = "cuda"

@@ -143,12 +143,16 @@ def stage_teacher(configs: dict, progress: bool = True) -> dict:
 
 def load_teacher(cfg: Cifar10Config) -> tuple[UNetVelocity, dict]:
     """The trained teacher, frozen, in eval mode on ``cfg.device``, and its identity (its run's
-    fingerprint and checkpoint step), part of every fingerprint of a run that uses it."""
+    fingerprint and checkpoint step), part of every fingerprint of a run that uses it. An unfinished
+    teacher run is refused."""
     path = ckpt(cfg, "teacher", LAST)
     if not path.is_file():
         raise FileNotFoundError(f"no teacher checkpoint {path}: run the cifar10_teacher stage first")
     model = make_model(cfg.model)
     state = load_checkpoint(path, model, teacher_meta(cfg))
+    if state["step"] < state["config"]["steps"]:
+        raise RuntimeError(f"{path}: the teacher run stopped at step {state['step']} of "
+                           f"{state['config']['steps']}: finish the cifar10_teacher stage first")
     stamp = path.parent / STAMP
     identity = {"run": json.loads(stamp.read_text()) if stamp.is_file() else None, "step": state["step"]}
     return model.to(cfg.device).eval().requires_grad_(False), identity

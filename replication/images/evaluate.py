@@ -10,7 +10,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-
 import torch
 
 from marflow_core import TimeWindows, odeint_adaptive, sample_few_step

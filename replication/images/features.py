@@ -95,20 +95,19 @@ def _check_uint8_rgb(x: torch.Tensor) -> None:
         raise InvalidParameter("input", desc, "expected a uint8 (N, 3, H, W) tensor")
 
 
-class InceptionTF2015(FeatureExtractorBase):
-    """torch-fidelity extractor: the TF-2015 FID Inception's 2048 pool3 features, any input size."""
+class OneLayerExtractor(FeatureExtractorBase):
+    """A torch-fidelity extractor with one feature layer ``FEATURE`` for every metric, uint8
+    (N, 3, H, W) inputs, not compiled: the boilerplate of the tier's extractors, written once."""
 
-    def __init__(self, name: str, features_list: list[str], **kwargs) -> None:
-        super().__init__(name, features_list)
-        self.model = _load_inception()
+    FEATURE = ""
 
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return (INCEPTION_FEATURE,)
+    @classmethod
+    def get_provided_features_list(cls) -> tuple[str, ...]:
+        return (cls.FEATURE,)
 
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return INCEPTION_FEATURE
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric: str) -> str:
+        return cls.FEATURE
 
     @staticmethod
     def can_be_compiled() -> bool:
@@ -117,6 +116,16 @@ class InceptionTF2015(FeatureExtractorBase):
     @staticmethod
     def get_dummy_input_for_compile() -> torch.Tensor:
         return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+
+class InceptionTF2015(OneLayerExtractor):
+    """torch-fidelity extractor: the TF-2015 FID Inception's 2048 pool3 features, any input size."""
+
+    FEATURE = INCEPTION_FEATURE
+
+    def __init__(self, name: str, features_list: list[str], **kwargs) -> None:
+        super().__init__(name, features_list)
+        self.model = _load_inception()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         """uint8 (N, 3, H, W) -> (float32 (N, 2048),)."""
@@ -226,10 +235,12 @@ def register_classifier(model: nn.Module) -> str:
     return key
 
 
-class ClassifierFeatures(FeatureExtractorBase):
+class ClassifierFeatures(OneLayerExtractor):
     """torch-fidelity extractor: penultimate features of the classifier registered under the
     ``classifier_id`` kwarg; uint8 (N, 3, H, W) inputs are mapped back to the classifier's own
     [-1, 1] images (channel mean when it takes 1 channel; resized when sizes differ)."""
+
+    FEATURE = DOMAIN_FEATURE
 
     def __init__(self, name: str, features_list: list[str], classifier_id: str | None = None,
                  **kwargs) -> None:
@@ -238,22 +249,6 @@ class ClassifierFeatures(FeatureExtractorBase):
             raise InvalidParameter("classifier_id", classifier_id,
                                    "not registered; call register_classifier(model) first")
         self.classifier = copy.deepcopy(_CLASSIFIERS[classifier_id])
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return (DOMAIN_FEATURE,)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return DOMAIN_FEATURE
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         """uint8 (N, 3, H, W) -> (float32 (N, D),)."""

@@ -20,9 +20,9 @@ from marflow_core import (
 from marflow_core.reflow import teacher_pairs
 from marflow_core.trajectory import WindowBatch
 
-from .config import EvalConfig
 from ..common.methods import PAIRINGS
 from ..common.stats import Estimate, mc_mean
+from .config import EvalConfig
 from .metrics import as_row, kl_tv, mmd_rbf, mode_mass, sampler_densities, sliced_wasserstein
 from .tier import DIM, TrainedStudent
 

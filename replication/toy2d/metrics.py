@@ -107,6 +107,5 @@ def as_row(**values) -> dict[str, object]:
     return row
 
 
-__all__ = ["Estimate", "MapDensities", "as_row", "kl_tv", "mc_mean", "paired_difference",
-           "mmd_rbf", "mode_mass", "sampler_densities", "sliced_wasserstein",
-           "standard_normal_log_prob", "window_densities"]
+__all__ = ["MapDensities", "as_row", "kl_tv", "mmd_rbf", "mode_mass", "sampler_densities",
+           "sliced_wasserstein", "window_densities"]

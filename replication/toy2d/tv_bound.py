@@ -17,8 +17,8 @@ import torch
 
 from marflow_core import GaussianMixtureTeacher, ma_value_estimate, stream
 
-from .config import TVBoundConfig
 from ..common.stats import Estimate, mc_mean
+from .config import TVBoundConfig
 from .metrics import kl_tv, sampler_densities, window_densities
 from .tier import DIM, TrainedStudent
 

@@ -25,9 +25,9 @@ from marflow_core import (
     uniform_grid,
 )
 
+from ..common.stats import Estimate, mc_mean, paired_difference, standard_normal_log_prob
 from .config import EvalConfig, TrainStageConfig, UnderdeterminationConfig
 from .evaluate import eval_noise, tm_eval_batch
-from ..common.stats import Estimate, mc_mean, paired_difference, standard_normal_log_prob
 from .metrics import kl_tv, sampler_densities
 from .tier import load_student
 
