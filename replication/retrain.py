@@ -20,8 +20,14 @@ from .registry import tiers
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def root_tiers() -> dict:
+    """The tiers of the root DVC project (their sections live in ``params.yaml``); the GPU tiers
+    have their own project in ``replication/gpu/``."""
+    return {name: t for name, t in tiers().items() if t.params_file == "params.yaml"}
+
+
 def persistent_outputs(tier_names: list[str] | None = None) -> list[Path]:
-    chosen = tiers() if not tier_names else {n: tiers()[n] for n in tier_names}
+    chosen = root_tiers() if not tier_names else {n: root_tiers()[n] for n in tier_names}
     return [REPO_ROOT / out for tier in chosen.values() for out in tier.persistent_outputs]
 
 
@@ -30,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tier", action="append", help="only this tier (repeatable); default all")
     parser.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.tier or []) - set(tiers()))
+    unknown = sorted(set(args.tier or []) - set(root_tiers()))
     if unknown:
-        print(f"error: unknown tier {unknown[0]!r}; known tiers: {sorted(tiers())}", file=sys.stderr)
+        name = unknown[0]
+        why = (f"its stages run in the DVC project of {Path(tiers()[name].params_file).parent}/ "
+               f"(delete its outputs there and run `dvc repro -f` in that folder)"
+               if name in tiers() else "unknown tier")
+        print(f"error: tier {name!r}: {why}; tiers of this project: {sorted(root_tiers())}",
+              file=sys.stderr)
         return 2
     for path in persistent_outputs(args.tier):
         print(f"{'would delete' if args.dry_run else 'deleting'} {path.relative_to(REPO_ROOT)}")
@@ -40,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
     if args.dry_run:
         return 0
-    targets = [] if not args.tier else [s.name for name in args.tier for s in tiers()[name].stages]
+    targets = [] if not args.tier else [s.name for name in args.tier for s in root_tiers()[name].stages]
     return subprocess.call(["dvc", "repro", "-f", *targets], cwd=REPO_ROOT)
 
 

@@ -113,7 +113,7 @@ def test_unknown_profile_and_tier_are_one_line(tmp_path):
     proc = _cli("-m", "replication.profile", "huge", "--params", str(ROOT / "params.yaml"))
     assert proc.returncode == 2 and "profile = 'huge'" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("-m", "replication.retrain", "--tier", "nosuch", "--dry-run")
-    assert proc.returncode == 2 and "unknown tier 'nosuch'" in proc.stderr
+    assert proc.returncode == 2 and "tier 'nosuch': unknown tier" in proc.stderr
 
 
 # -- no silently ignored input -----------------------------------------------------------------------
@@ -220,8 +220,12 @@ def test_scrub_makes_two_runs_identical_and_keeps_results():
 def test_retrain_dry_run_lists_every_persistent_output():
     proc = _cli("-m", "replication.retrain", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    expected = [out for tier in registry.tiers().values() for out in tier.persistent_outputs]
+    root = [t for t in registry.tiers().values() if t.params_file == "params.yaml"]
+    expected = [out for tier in root for out in tier.persistent_outputs]
     assert expected and all(f"would delete {out}" in proc.stdout for out in expected)
+    gpu = [out for t in registry.tiers().values() if t.params_file != "params.yaml"
+           for out in t.persistent_outputs]
+    assert not any(out in proc.stdout for out in gpu)  # the GPU tiers' project is its own
 
 
 def test_cuda_device_is_checked_at_validation(params, monkeypatch):

@@ -71,11 +71,13 @@ def load_sd_pipeline(path: str | Path, dtype: torch.dtype | None = None):
     if dtype is not None:
         kw["dtype"] = dtype
     sched = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
-    if sched.get("_class_name") == "PeRFlowScheduler":
-        from .scheduler import PeRFlowScheduler
+    if sched.get("_class_name") != "PeRFlowScheduler":
+        return StableDiffusionPipeline.from_pretrained(path, **kw)
+    from .scheduler import PeRFlowScheduler
 
-        kw["scheduler"] = PeRFlowScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    return StableDiffusionPipeline.from_pretrained(path, **kw)
+    pipe = StableDiffusionPipeline.from_pretrained(path, scheduler=None, **kw)  # None: not resolved
+    pipe.scheduler = PeRFlowScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    return pipe
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
