@@ -46,6 +46,18 @@ def _missing(key: str, path: Path, what: str, hint: str) -> MissingInput:
     return MissingInput(f"{key} = {str(path)!r}: missing {what}; {hint}")
 
 
+def _file_and_folder(path: Path, key: str, file: str, folder: str, hint: str) -> tuple[Path, Path]:
+    """``(path / file, path / folder)`` of a folder that holds both, or ``MissingInput`` naming the first
+    one missing (the folder itself included)."""
+    if not path.is_dir():
+        raise _missing(key, path, "the folder itself", hint)
+    if not (path / file).is_file():
+        raise _missing(key, path, file, hint)
+    if not (path / folder).is_dir():
+        raise _missing(key, path, f"the folder {folder}/", hint)
+    return path / file, path / folder
+
+
 def check_pipeline_dir(path: str | Path, key: str = "model_dir", require_epsilon: bool = True) -> Path:
     """``path`` is a diffusers SD pipeline folder with every file the tier loads; returns it.
 
@@ -80,13 +92,7 @@ def read_caption_folder(path: str | Path, key: str = "data_dir", check_first: in
     """``[(image path, caption), ...]`` of a caption folder; the first ``check_first`` images are
     checked to exist (all are read lazily by the dataset, which names a missing file)."""
     path = Path(path)
-    if not path.is_dir():
-        raise _missing(key, path, "the folder itself", DATA_HINT)
-    captions, images = path / CAPTIONS_FILE, path / IMAGES_DIR
-    if not captions.is_file():
-        raise _missing(key, path, CAPTIONS_FILE, DATA_HINT)
-    if not images.is_dir():
-        raise _missing(key, path, f"the folder {IMAGES_DIR}/", DATA_HINT)
+    captions, images = _file_and_folder(path, key, CAPTIONS_FILE, IMAGES_DIR, DATA_HINT)
     pairs = []
     for lineno, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -114,12 +120,4 @@ COCO_HINT = ("unzip the official COCO-2017 files annotations_trainval2017.zip an
 
 def check_coco_dir(path: str | Path, key: str = "coco_dir") -> tuple[Path, Path]:
     """``(captions_val2017.json, val2017/)`` of a COCO-2017 folder, or ``MissingInput``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise _missing(key, path, "the folder itself", COCO_HINT)
-    ann, images = path / COCO_ANNOTATIONS, path / COCO_IMAGES
-    if not ann.is_file():
-        raise _missing(key, path, COCO_ANNOTATIONS, COCO_HINT)
-    if not images.is_dir():
-        raise _missing(key, path, f"the folder {COCO_IMAGES}/", COCO_HINT)
-    return ann, images
+    return _file_and_folder(Path(path), key, COCO_ANNOTATIONS, COCO_IMAGES, COCO_HINT)
