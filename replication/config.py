@@ -40,6 +40,12 @@ def require(ok: bool, where: str, value: Any, why: str) -> None:
         fail(where, value, why)
 
 
+def require_each(obj: Any, where: str, keys: tuple[str, ...], ok, why: str) -> None:
+    """``require(ok(obj.key), ...)`` for every field ``key`` in ``keys``."""
+    for key in keys:
+        require(ok(getattr(obj, key)), f"{where}.{key}", getattr(obj, key), why)
+
+
 def check_device(device: str, where: str) -> None:
     """``cpu``, or ``cuda`` / ``cuda:N`` on a machine where that CUDA device exists."""
     import re

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from marflow_core import GaussianMixtureTeacher, TimeWindows
+from replication.common.stats import Estimate, paired_difference
 from replication.common.students import StudentSpec
 from replication.toy2d.config import TVBoundConfig
-from replication.common.stats import Estimate, paired_difference
 from replication.toy2d.tier import TrainedStudent
 from replication.toy2d.tv_bound import BoundCheck, pinsker_sum, tv_bound
 from replication.toy2d.underdetermination import (

@@ -21,7 +21,7 @@ from marflow_core import InvalidParameter, MAConfig, PeRFlowConfig, ReflowPairCo
 from marflow_core.unet import UNetConfig
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
-from ..config import check_device, require
+from ..config import check_device, require, require_each
 
 SIZE, CHANNELS = 32, 3
 OUTPUTS = "replication/gpu/outputs/cifar10"
@@ -162,8 +162,7 @@ class FIDConfig:
     save_cpu_ram: bool = False
 
     def validate(self, where: str) -> None:
-        for key in ("n_samples", "n_reference", "batch_size"):
-            require(getattr(self, key) >= 2, f"{where}.{key}", getattr(self, key), ">= 2")
+        require_each(self, where, ("n_samples", "n_reference", "batch_size"), lambda v: v >= 2, ">= 2")
         require(self.n_reference <= 50000, f"{where}.n_reference", self.n_reference, "<= 50000")
         for key in ("nfe", "teacher_nfe"):
             require(all(n >= 1 for n in getattr(self, key)), f"{where}.{key}", getattr(self, key),
@@ -172,10 +171,7 @@ class FIDConfig:
         require(self.grid_images >= 0, f"{where}.grid_images", self.grid_images, ">= 0")
 
 
-SECTIONS: dict[str, type] = {
-    "cifar10": Cifar10Config,
-    "cifar10_teacher": TeacherConfig,
-    "cifar10_pairs": ReflowPairConfig,
-    "cifar10_students": StudentsConfig,
-    "cifar10_fid": FIDConfig,
-}
+#: the tier's sections in replication/gpu/params.yaml, each onto its dataclass
+SECTIONS: dict[str, type] = {"cifar10": Cifar10Config, "cifar10_teacher": TeacherConfig,
+                             "cifar10_pairs": ReflowPairConfig, "cifar10_students": StudentsConfig,
+                             "cifar10_fid": FIDConfig}

@@ -14,7 +14,7 @@ from marflow_core import MAConfig, ReflowPairConfig, TrainConfig, WindowBankConf
 from marflow_core.unet import UNetConfig
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
-from ..config import check_device, require
+from ..config import check_device, require, require_each
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "folder")
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun")
@@ -190,8 +190,7 @@ class TableConfig:
                 self.prc_neighborhood, "must lie in [1, inception_samples)")
         require(self.teacher_method in ADAPTIVE_METHODS, f"{where}.teacher_method", self.teacher_method,
                 f"one of {ADAPTIVE_METHODS}")
-        for key in ("teacher_rtol", "teacher_atol"):
-            require(getattr(self, key) > 0, f"{where}.{key}", getattr(self, key), "must be > 0")
+        require_each(self, where, ("teacher_rtol", "teacher_atol"), lambda v: v > 0, "must be > 0")
         require(self.grid_samples >= 1, f"{where}.grid_samples", self.grid_samples, "must be >= 1")
 
 
