@@ -17,6 +17,7 @@ from typing import Any
 from marflow_core.errors import InvalidParameter
 from marflow_core.marginal import MAConfig
 from marflow_core.training import TrainConfig
+from marflow_core.trajectory import squared_distance
 
 from ..common.students import StudentSpec
 from ..config import require
@@ -147,8 +148,11 @@ class SD15TrainConfig(TrainConfig):
     def validate(self, where: str) -> None:
         """What SD cannot do, each refused naming its key (the fields validated themselves)."""
         student = self.student
-        require(student.method == "perflow", f"{where}.student.method", student.method,
-                "the SD 1.5 trainer distills with PeRFlow windows only (method: perflow)")
+        record = student.record
+        require(record.pairing == "windows" and record.windows is None and
+                record.distance is squared_distance, f"{where}.student.method", student.method,
+                "the SD 1.5 trainer distills with PeRFlow's windows and its eps target only "
+                "(a method with pairing 'windows' and the squared distance, e.g. perflow)")
         require(SD_TIMESTEPS % student.windows == 0, f"{where}.student.windows", student.windows,
                 f"K must divide SD's {SD_TIMESTEPS} timesteps (the saved PeRFlowScheduler's windows "
                 f"are whole timesteps)")
