@@ -72,7 +72,12 @@ def test_closure_of_a_miniature_package(tmp_path):
                                      "def run():\n    from .helpers import x\n    return f() + x\n",
         "replication/tier/helpers.py": "x = 1\n",
         "replication/tier/unused.py": "from marflow_core import g\n",
+        "replication/tier/bare.py": "import marflow_core\n",
     })
+    # a bare package import depends on everything the package re-exports, not on the __init__ itself
+    bare = [p.relative_to(tmp_path).as_posix()
+            for p in fingerprint.import_closure(["replication.tier.bare"], tmp_path)]
+    assert bare == ["marflow_core/a.py", "marflow_core/b.py", "marflow_core/c.py", "replication/tier/bare.py"]
     closure = [p.relative_to(tmp_path).as_posix()
                for p in fingerprint.import_closure(["replication.tier.train"], tmp_path)]
     assert closure == ["marflow_core/a.py", "marflow_core/c.py", "replication/tier/helpers.py",
