@@ -20,9 +20,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from marflow_core.errors import InvalidParameter
+
+from .params_yaml import ParamsYAMLError, read_yaml
 
 T = TypeVar("T")
 
@@ -100,16 +100,16 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such params file (run from the repository root, or pass "
                           f"--params PATH)")
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml(path)
+    except ParamsYAMLError as err:
+        raise ConfigError(str(err)) from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
+def _check_type(value: Any, hint: Any, where: str, complete: bool = True) -> Any:
     """Check (and gently coerce int -> float) ``value`` against a type hint."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -118,20 +118,20 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _check_type(value, arg, where)
+                return _check_type(value, arg, where, complete)
             except ConfigError:
                 continue
         fail(where, value, f"expected {hint}")
     if origin in (list, tuple):
         require(isinstance(value, list | tuple), where, value, "expected a list")
         (item,) = typing.get_args(hint)[:1] or (Any,)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_check_type(v, item, f"{where}[{i}]", complete) for i, v in enumerate(value)]
     if origin is dict:
         require(isinstance(value, dict), where, value, "expected a mapping")
         _, item = typing.get_args(hint)
-        return {k: _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
+        return {k: _check_type(v, item, f"{where}.{k}", complete) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, where, complete)
     if hint is Any:
         return value
     if hint is float:
@@ -151,34 +151,85 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and bad values raise ``ConfigError``."""
+def from_dict(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and bad values raise ``ConfigError``.
+
+    ``complete``: every field must be given (those without effect given the others excepted, which
+    must be absent), as in a params file; ``complete=False`` fills in the dataclasses' defaults (for
+    code that builds a section from a few keys, see ``written_out``)."""
     require(isinstance(data, dict), where, data, f"expected a mapping for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         fail(f"{where}.{unknown[0]}", data[unknown[0]], f"unknown key; known keys: {sorted(fields)}")
-    kwargs = {}
+    kwargs, refused = {}, {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+            try:
+                kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}", complete)
+            except ConfigError as err:  # reported below, unless the key has no effect at all
+                refused[name] = err
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            fail(f"{where}.{name}", None, "required key is missing")
+            missing_keys(where, [name], {})
+    obj = _construct(cls, kwargs, where, refused)
+    inactive = obj.inactive_fields() if hasattr(obj, "inactive_fields") else {}
+    if refused and not set(refused) & set(inactive):
+        raise next(iter(refused.values()))
+    given = {key: why for key, why in inactive.items() if key in data}
+    if given:
+        key = sorted(given)[0]
+        fail(f"{where}.{key}", data[key], f"has no effect: {given[key]}; remove "
+             f"{'these keys' if len(given) > 1 else 'it'}: {sorted(given)}")
+    missing = [name for name in fields if name not in data and name not in inactive]
+    if missing and complete:
+        missing_keys(where, missing, {name: getattr(obj, name) for name in missing})
+    return obj
+
+
+def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[str, ConfigError]) -> T:
+    """``cls(**kwargs)``, validated. With ``refused`` keys (left at their defaults here) a failure
+    is reported as the first refused key's own error."""
     try:
         obj = cls(**kwargs)
         validate = getattr(obj, "validate", None)
         if validate is not None:
             validate(where)
-    except InvalidParameter as err:
-        fail(f"{where}.{err.key}", err.value, err.why)
-    inactive = getattr(obj, "inactive_fields", None)
-    if inactive is not None:
-        given = {key: why for key, why in inactive().items() if key in data}
-        if given:
-            key = sorted(given)[0]
-            fail(f"{where}.{key}", data[key], f"has no effect: {given[key]}; remove "
-                 f"{'these keys' if len(given) > 1 else 'it'}: {sorted(given)}")
+    except (InvalidParameter, ConfigError, TypeError) as err:
+        if refused:
+            raise next(iter(refused.values())) from None
+        if isinstance(err, InvalidParameter):
+            fail(f"{where}.{err.key}", err.value, err.why)
+        raise
+    return obj
+
+
+def missing_keys(where: str, names: list[str], defaults: dict[str, Any]) -> typing.NoReturn:
+    """Refuse a section without ``names``: every parameter a stage reads is written in the params
+    file, never filled in from a code default the user does not see."""
+    hint = "; ".join(f"{name}: {defaults[name]!r}" for name in names if name in defaults)
+    raise ConfigError(
+        f"{where}.{names[0]}: required key is missing"
+        + (f" (missing: {names})" if len(names) > 1 else "")
+        + "; every parameter a stage reads is written out in the params file"
+        + (f" (the library's defaults would be {hint})" if hint else ""))
+
+
+def written_out(cls: type, data: dict[str, Any], where: str = "section") -> dict[str, Any]:
+    """Section ``data`` of dataclass ``cls`` with every default written out (and every key without
+    effect left out): what a params file must hold for ``data``'s meaning."""
+    return _as_params(from_dict(cls, data, where, complete=False))
+
+
+def _as_params(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        inactive = obj.inactive_fields() if hasattr(obj, "inactive_fields") else {}
+        return {f.name: _as_params(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.init and f.name not in inactive}
+    if isinstance(obj, dict):
+        return {k: _as_params(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_as_params(v) for v in obj]
     return obj
 
 

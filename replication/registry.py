@@ -165,12 +165,16 @@ def section(params: dict[str, Any], name: str):
     known = sections()
     if name not in known:
         raise ConfigError(f"{name} = ...: unknown params section; known: {sorted(known)}")
-    return from_dict(known[name], params.get(name, {}), name)
+    if name not in params:
+        raise ConfigError(f"{name}: params section is missing; every stage that reads it needs it "
+                          f"written out in the params file")
+    return from_dict(known[name], params[name], name)
 
 
 def validate_all(params: dict[str, Any], params_file: str = "params.yaml") -> None:
-    """Every section present, every stage's cross-section checks, and no unknown top-level key,
-    for the tiers whose sections live in ``params_file``."""
+    """Every section present, every cross-section check of the stages whose sections are all present,
+    and no unknown top-level key, for the tiers whose sections live in ``params_file``. (A stage's
+    own sections must be present: ``section`` refuses a missing one by name.)"""
     chosen = [t for t in tiers().values() if t.params_file == params_file]
     known = {name for t in chosen for name in t.sections}
     for key in params:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from params_helpers import with_value
+from params_helpers import fill_defaults, with_value
 
 from marflow_core import InvalidParameter, ReflowPairConfig
 from marflow_core.unet import UNetConfig, UNetVelocity
@@ -95,9 +95,16 @@ def test_references_have_sources_and_match_the_design_numbers():
 
 
 
+def complete(params: dict) -> dict:
+    """Every section with the code's defaults written out, as a params file must hold them."""
+    from replication.cifar10.config import SECTIONS
+
+    return {name: fill_defaults(SECTIONS[name], cfg) for name, cfg in params.items()}
+
+
 def tiny_params(tmp_path, extractor="x"):
     """Every cifar10 section at toy size: two training steps, a 4-pair bank, tiny FID."""
-    return {
+    return complete({
         "cifar10": {
             "seed": 0, "device": "cpu",
             "checkpoint_dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "results"),
@@ -119,7 +126,7 @@ def tiny_params(tmp_path, extractor="x"):
         },
         "cifar10_fid": {"n_samples": 6, "n_reference": 8, "nfe": [1, 2], "teacher_nfe": [2], "batch_size": 4,
                         "feature_extractor": extractor, "grid_images": 4, "save_cpu_ram": True},
-    }
+    })
 
 
 def validate(params):
@@ -299,9 +306,10 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_keys_without_effect_are_refused(tmp_path):
     base = tiny_params(tmp_path)
-    only_perflow = with_value(base, ("cifar10_students", "students"), {"p": {"method": "perflow", "windows": 2}})
+    only_perflow = with_value(base, ("cifar10_students", "students"), {"p": {"method": "perflow", "windows": 2, "ma": False, "seeds": [0]}})
     no_pairs = {k: v for k, v in only_perflow.items() if k != "cifar10_pairs"}
-    no_ma = {**no_pairs, "cifar10_students": {k: v for k, v in no_pairs["cifar10_students"].items() if k != "ma"}}
+    no_ma = {**no_pairs, "cifar10_students": {k: v for k, v in no_pairs["cifar10_students"].items()
+                                              if k not in ("ma", "t_max")}}
     validate(no_ma)  # PeRFlow without MA: no pair bank, no MA settings
     with pytest.raises(ConfigError, match=r"cifar10_pairs = .*has no effect: no student's method uses teacher_pairs"):
         validate({**no_ma, "cifar10_pairs": base["cifar10_pairs"]})
@@ -309,7 +317,7 @@ def test_keys_without_effect_are_refused(tmp_path):
         validate(with_value(no_ma, ("cifar10_students", "ma"), {"weight": 0.1}))
     with pytest.raises(ConfigError, match=r"cifar10_students.t_max = 0.9: has no effect"):
         validate(with_value(no_ma, ("cifar10_students", "t_max"), 0.9))
-    only_reflow = with_value(base, ("cifar10_students", "students"), {"r": {"method": "reflow", "ma": True}})
+    only_reflow = with_value(base, ("cifar10_students", "students"), {"r": {"method": "reflow", "windows": 1, "ma": True, "ma_weight": None, "ma_substeps": None, "seeds": [0]}})
     with pytest.raises(ConfigError, match=r"cifar10_students.perflow = .*has no effect"):
         validate(only_reflow)
     with pytest.raises(ConfigError, match=r"students.r.ma_weight = 0.5: has no effect"):

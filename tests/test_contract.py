@@ -71,16 +71,20 @@ def test_the_objective_uses_its_trajectory_distance():
 def test_student_spec_overrides_and_method_rules():
     shared = MAConfig(weight=0.1, substeps=2)
     spec = from_dict(StudentSpec, {"method": "perflow", "windows": 4, "ma": True, "ma_weight": 0.5,
-                                   "ma_substeps": 3}, "s")
+                                   "ma_substeps": 3, "seeds": [0]}, "s")
     assert (spec.ma_config(shared).weight, spec.ma_config(shared).substeps) == (0.5, 3)
-    assert from_dict(StudentSpec, {"method": "perflow", "windows": 4}, "s").ma_config(shared) is None
+    assert from_dict(StudentSpec, {"method": "perflow", "windows": 4, "ma": False, "seeds": [0]},
+                     "s").ma_config(shared) is None
+    with pytest.raises(ConfigError, match=r"s.seeds: required key is missing"):
+        from_dict(StudentSpec, {"method": "perflow", "windows": 4, "ma": False}, "s")
     with pytest.raises(ConfigError, match=r"s.windows = 4: reflow uses K = 1"):
-        from_dict(StudentSpec, {"method": "reflow", "windows": 4}, "s")
+        from_dict(StudentSpec, {"method": "reflow", "windows": 4, "ma": False, "seeds": [0]}, "s")
     with pytest.raises(ConfigError, match=r"s.method = 'nosuch': unknown method; known methods: "
                                           r"\['perflow', 'reflow'"):
-        from_dict(StudentSpec, {"method": "nosuch"}, "s")
+        from_dict(StudentSpec, {"method": "nosuch", "windows": 1, "ma": False, "seeds": [0]}, "s")
     with pytest.raises(ConfigError, match=r"s.ma_weight = 0.5: has no effect"):
-        from_dict(StudentSpec, {"method": "perflow", "ma_weight": 0.5}, "s")
+        from_dict(StudentSpec, {"method": "perflow", "windows": 4, "ma": False, "ma_weight": 0.5,
+                                "seeds": [0]}, "s")
     assert {"perflow", "reflow"} <= set(known_methods())
     assert method_record("reflow").windows == 1 and method_record("perflow").pairing == "windows"
 

@@ -133,16 +133,20 @@ def test_keys_without_effect_are_rejected(params, keys, value, expected):
 
 
 def test_probe_keys_need_hutchinson(params):
-    continuous = _set(params, ("toy2d_train", "ma"), {"logdet": "continuous", "divergence": "exact",
-                                                      "probe_kind": "gaussian"})
+    continuous = _set(params, ("toy2d_train", "ma"), {**params["toy2d_train"]["ma"], "logdet": "continuous",
+                                                      "divergence": "exact", "probe_kind": "gaussian"})
     with pytest.raises(ConfigError, match=r"toy2d_train.ma.probe_kind = 'gaussian': has no effect"):
         registry.stage("toy2d_train").validate(continuous)
     hutchinson = _set(continuous, ("toy2d_train", "ma", "divergence"), "hutchinson")
+    with pytest.raises(ConfigError, match=r"toy2d_train.ma.n_probes: required key is missing"):
+        registry.stage("toy2d_train").validate(hutchinson)  # now the probe keys matter
+    hutchinson = _set(hutchinson, ("toy2d_train", "ma", "n_probes"), 1)
     registry.stage("toy2d_train").validate(hutchinson)  # now the probe kind matters
 
 
 def test_sections_of_absent_methods_are_rejected(params):
-    only_perflow = _set(params, ("toy2d_train", "students"), {"perflow": {"method": "perflow", "windows": 4}})
+    only_perflow = _set(params, ("toy2d_train", "students"), {"perflow": {"method": "perflow", "windows": 4, "ma": False,
+                                                                          "seeds": [0]}})
     with pytest.raises(ConfigError) as err:
         registry.stage("toy2d_train").validate(only_perflow)
     assert "toy2d_train.ma = " in str(err.value) and "no student has ma: true" in str(err.value)

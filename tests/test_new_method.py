@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=marflow-test", "-c", "user.email=test@invalid", "-c",
        "commit.gpgsign=false"]
-STUDENT_LINE = "    perflow_ma: {method: perflow, windows: 4, ma: true}\n"  # the 2-D tier's last student
+STUDENT_LINE = (  # the 2-D tier's last student
+    "    perflow_ma: {method: perflow, windows: 4, ma: true, ma_weight: null, ma_substeps: null, seeds: [0]}\n")
 
 
 def walkthrough() -> tuple[dict[str, str], str]:

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from params_helpers import fill_defaults
+
 from replication import stage
+from replication.sd15.config import SD15EvalConfig, SD15TrainConfig
 from replication.sd15.inputs import _PIPELINE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +46,7 @@ def _train_yaml(tmp: Path, inputs, **over) -> Path:
            "student": {"method": "perflow", "windows": 4, "ma": True}}
     cfg.update(over)
     path = tmp / "train.yaml"
-    path.write_text(yaml.safe_dump({"sd15_train": cfg}))
+    path.write_text(yaml.safe_dump({"sd15_train": fill_defaults(SD15TrainConfig, cfg)}))
     return path
 
 
@@ -53,7 +56,7 @@ def _eval_yaml(tmp: Path, inputs, **over) -> Path:
            "models": {"teacher": {"path": str(inputs["sd"]), "scheduler": "ddim", "steps": [4]}}}
     cfg.update(over)
     path = tmp / "eval.yaml"
-    path.write_text(yaml.safe_dump({"sd15_eval": cfg}))
+    path.write_text(yaml.safe_dump({"sd15_eval": fill_defaults(SD15EvalConfig, cfg)}))
     return path
 
 
@@ -161,7 +164,8 @@ def test_the_gpu_pipeline_params_load_and_train_both_students():
     ma_keys = {"student", "output_dir", "ma", "ma_fd_fp32"}
     same = [{k: v for k, v in params[s].items() if k not in ma_keys} for s in train]
     assert same[0] == same[1]
-    assert params["sd15_train"]["student"] == {**params["sd15_train_perflow"]["student"], "ma": True}
+    baseline = {k: v for k, v in params["sd15_train_perflow"]["student"].items()}
+    assert params["sd15_train"]["student"] == {**baseline, "ma": True, "ma_weight": None, "ma_substeps": None}
     stages = yaml.safe_load(open(ROOT / "replication/gpu/dvc.yaml"))["stages"]
     assert {"sd15_train", "sd15_train_perflow", "sd15_eval", "cifar10_teacher", "cifar10_fid"} <= set(stages)
     for name in ("sd15_train", "sd15_train_perflow", "sd15_eval"):

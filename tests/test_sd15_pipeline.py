@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from params_helpers import fill_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,9 @@ def _train_config(tmp: Path, sd: Path, data: Path, out: str, **over) -> Path:
            "warmup": 0, "lr": 1e-3}
     cfg.update(over)
     path = tmp / f"{out}.yaml"
-    path.write_text(yaml.safe_dump({"sd15_train": cfg}))
+    from replication.sd15.config import SD15TrainConfig
+
+    path.write_text(yaml.safe_dump({"sd15_train": fill_defaults(SD15TrainConfig, cfg)}))
     return path
 
 
