@@ -21,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
+from .errors import CheckpointError
+from .integrity import verified_load, with_digest
 from .errors import InvalidParameter
 from .seeding import derive_seed
 from .solvers import FIXED_METHODS
@@ -66,21 +68,26 @@ def generate_shards(
         size = min(shard_size, n_rows - shard * shard_size)
         if not shard_matches(path, size, settings):
             rows = make_shard(seed, size)
-            atomic_torch_save({**{k: v.cpu() for k, v in rows.items()}, **settings, "seed": seed,
-                               "rows": size}, path)
+            atomic_torch_save(with_digest({**{k: v.cpu() for k, v in rows.items()}, **settings,
+                                           "seed": seed, "rows": size}), path)
         paths.append(path)
     return paths
 
 
 def shard_matches(path: Path, size: int, settings: dict[str, Any]) -> bool:
-    """An existing shard is reused only if it has ``size`` rows made with the same ``settings``."""
+    """An existing shard is reused only if it has ``size`` rows made with the same ``settings``
+    and its tensors match their content digest (a damaged shard is made again)."""
     if not path.exists():
         return False
-    shard = torch.load(path, weights_only=True, mmap=True)
+    try:
+        shard = verified_load(path, mmap=True)
+    except CheckpointError:
+        return False
     return shard.get("rows") == size and all(shard.get(k) == v for k, v in settings.items())
 
 
 def load_shards(paths: list[Path], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The shards' tensors ``keys``, concatenated along rows."""
-    shards = [torch.load(p, weights_only=True) for p in paths]
+    """The shards' tensors ``keys``, concatenated along rows; each shard's digest is checked
+    (``CheckpointError`` naming a damaged one)."""
+    shards = [verified_load(p) for p in paths]
     return {key: torch.cat([s[key] for s in shards]) for key in keys}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_torch_save
 from .errors import CheckpointError, InvalidParameter, NonFiniteLossError
+from .integrity import non_finite_tensors, verified_load, with_digest
 from .objectives import Objective
 from .seeding import stream
 
@@ -123,25 +124,27 @@ def _save(path: Path, model: nn.Module, optimizer, step: int, history, config: T
           seed: int, meta: dict | None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "history": history, "config": asdict(config.train_config()), "seed": seed, "meta": meta}
-    atomic_torch_save(canonical(state), path)
+    atomic_torch_save(canonical(with_digest(state)), path)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None) -> dict:
     """Load a checkpoint's weights into ``model``; returns the whole checkpoint dict.
 
-    Refuses, with ``CheckpointError`` naming the file, one that cannot be read (truncated,
-    corrupted, not a checkpoint), one whose weights do not fit ``model`` (another architecture),
-    and, when ``meta`` is given, one made for other ``meta`` (another method, say).
+    Refuses, with ``CheckpointError`` naming the file, one that cannot be read (truncated, not a
+    checkpoint), one whose tensors no longer match the content digest saved with them (bytes
+    changed inside a file that still opens, ``integrity``), one with non-finite weights, one whose
+    weights do not fit ``model`` (another architecture), and, when ``meta`` is given, one made for
+    other ``meta`` (another method, say).
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        detail = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: "
-                              f"{detail}); delete it to start over") from None
-    if not isinstance(state, dict) or not {"model", "step", "history"} <= state.keys():
+    state = verified_load(path)
+    if not {"model", "step", "history"} <= state.keys():
         raise CheckpointError(f"{path}: not a marflow training checkpoint")
+    bad = non_finite_tensors(state["model"])
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                              f"({bad[0].lstrip('/')}, ...): the run diverged before it was saved; "
+                              f"delete it and rerun the run that wrote it")
     if meta is not None and state.get("meta") != meta:
         raise CheckpointError(f"{path}: made for {state.get('meta')}, not for {meta}")
     try:

@@ -59,7 +59,7 @@ setup_plotting()
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
 teacher = make_teacher(toy)
-students = {name: load_student(name, train_cfg, Path(checkpoint_dir), device=toy.device)
+students = {name: load_student(name, train_cfg, toy, Path(checkpoint_dir))
             for name in train_cfg.students}
 
 # %% [markdown]

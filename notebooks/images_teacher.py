@@ -59,7 +59,7 @@ print_wall_time("teacher training", result.wall_seconds,
                 f"{cost.seconds_per_step or 0:.3f} s/step; peak RSS {cost.peak_rss_mib:.0f} MiB")
 save_json({"teacher": {**cost.__dict__, "wall_seconds": result.wall_seconds}},
           out / "costs.json")  # machine-dependent: git-ignored, not a DVC output
-teacher, history = load_teacher(images, root)
+teacher, history = load_teacher(images, root, cfg)
 print(f"teacher: {parameter_count(teacher) / 1e6:.2f} M parameters, {optim_summary(cfg)}")
 
 # %% [markdown]

@@ -64,7 +64,7 @@ for name, result in results.items():
 # The exact KLs are in the evaluation notebooks.
 
 # %%
-histories = {name: load_student(name, train_cfg, ckpt).history for name in train_cfg.students}
+histories = {name: load_student(name, train_cfg, toy, ckpt).history for name in train_cfg.students}
 grid = sns.relplot(data=loss_curves(histories), x="step", y="value", hue="student", col="term",
                    kind="line", facet_kws={"sharey": False}, height=3.2, aspect=1.4)
 grid.axes.flat[0].set_yscale("log")

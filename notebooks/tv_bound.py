@@ -53,7 +53,7 @@ out.mkdir(parents=True, exist_ok=True)
 teacher = make_teacher(toy)
 
 # %%
-bounds = [tv_bound(load_student(name, train_cfg, Path(checkpoint_dir), device=toy.device), teacher,
+bounds = [tv_bound(load_student(name, train_cfg, toy, Path(checkpoint_dir)), teacher,
                    tv_cfg, eval_cfg.seed) for name in tv_cfg.students]
 windows_table = pd.DataFrame([as_row(student=b.student, **{k: v for k, v in vars(w).items()})
                               for b in bounds for w in b.windows])

@@ -100,7 +100,7 @@ plt.show()
 # standard errors; among such pairs, the one with the largest KL ratio is marked.
 
 # %%
-scores = score_snapshots(teacher, train_cfg, eval_cfg, ud_cfg, Path(checkpoint_dir), toy.device)
+scores = score_snapshots(teacher, train_cfg, toy, eval_cfg, ud_cfg, Path(checkpoint_dir))
 snapshots = pd.DataFrame([s.as_row() for s in scores])
 print(f"KL: n = {ud_cfg.n_samples} samples of the {ud_cfg.nfe}-NFE sampler; "
       f"TM loss: {eval_cfg.tm_eval_batch} samples")

@@ -27,6 +27,7 @@ from marflow_core import (
     train,
 )
 from marflow_core.atomic import atomic_torch_save
+from marflow_core.integrity import with_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,8 +174,8 @@ def _tiny_model(hidden: int = 8) -> TimeMLP:
 
 
 def _save_checkpoint(path: Path, model: TimeMLP, meta: dict | None = None) -> None:
-    atomic_torch_save({"model": model.state_dict(), "optimizer": {}, "step": 3, "history": [],
-                       "config": {}, "meta": meta}, path)
+    atomic_torch_save(with_digest({"model": model.state_dict(), "optimizer": {}, "step": 3, "history": [],
+                                   "config": {}, "meta": meta}), path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint", "empty"])
@@ -202,6 +203,58 @@ def test_checkpoint_of_another_architecture_or_method_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{path}: made for .*perflow.*, not for .*reflow"):
         load_checkpoint(path, _tiny_model(), meta={"method": "reflow", "windows": 1})
     load_checkpoint(path, _tiny_model(), meta={"method": "perflow", "windows": 4})  # the right one
+
+
+def _overwrite_inside(path: Path, tensor: torch.Tensor, n_bytes: int = 800) -> None:
+    """Overwrite ``n_bytes`` inside ``tensor``'s stored bytes with 0xFF (NaN as float32); the zip
+    container stays valid, so the file still opens."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    start = data.find(raw[:256])
+    assert start >= 0 and len(raw) >= 100 + n_bytes
+    data[start + 100:start + 100 + n_bytes] = b"\xff" * n_bytes
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_overwritten_inside_a_tensor_is_refused(tmp_path):
+    """800 bytes of a weight tensor overwritten: the file still loads with torch, but its tensors no
+    longer match the digest written with it."""
+    from marflow_core.training import _save
+
+    model = _tiny_model(hidden=64)
+    path = tmp_path / "last.pt"
+    _save(path, model, torch.optim.Adam(model.parameters()), 3, [], TrainConfig(steps=3), 0, None)
+    weight = max(model.state_dict().values(), key=torch.Tensor.numel)
+    _overwrite_inside(path, weight)
+    state = torch.load(path, weights_only=True)  # the container is intact ...
+    assert not torch.isfinite(max(state["model"].values(), key=torch.Tensor.numel)).all()
+    with pytest.raises(CheckpointError, match=rf"{path}: its tensors do not match the content digest"):
+        load_checkpoint(path, _tiny_model(hidden=64))  # ... the content is not
+
+
+def test_non_finite_weights_are_refused_even_with_a_valid_digest(tmp_path):
+    model = _tiny_model()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    path = tmp_path / "last.pt"
+    _save_checkpoint(path, model)
+    with pytest.raises(CheckpointError, match=rf"{path}: 1 weight tensor\(s\) hold NaN or infinite values"):
+        load_checkpoint(path, _tiny_model())
+
+
+def test_a_damaged_bank_shard_is_refused_on_load_and_made_again(tmp_path):
+    from marflow_core.banks import generate_shards, load_shards
+
+    def make(seed: int, size: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(size, 300, generator=torch.Generator().manual_seed(seed))}
+
+    (path,) = generate_shards(tmp_path, "shard_{seed}.pt", 4, 4, 0, "test", {"kind": "t"}, make, progress=False)
+    good = load_shards([path], ("x",))["x"].clone()
+    _overwrite_inside(path, good)
+    with pytest.raises(CheckpointError, match=rf"{path}: its tensors do not match"):
+        load_shards([path], ("x",))
+    generate_shards(tmp_path, "shard_{seed}.pt", 4, 4, 0, "test", {"kind": "t"}, make, progress=False)
+    assert torch.equal(load_shards([path], ("x",))["x"], good)  # the damaged shard was made anew
 
 
 class Quadratic:

@@ -45,7 +45,7 @@ from marflow_core.unet import UNetConfig, UNetVelocity
 
 from ..common import fingerprint
 from ..common.methods import method_module
-from ..common.runs import prepare_run_dir
+from ..common.runs import check_run_dir, prepare_run_dir
 from ..common.students import StudentSpec
 from .config import CHANNELS, SIZE, Cifar10Config, StudentsConfig, TeacherConfig
 from .data import load_cifar10
@@ -250,7 +250,12 @@ def load_student(cfg: Cifar10Config, students: StudentsConfig, name: str, seed: 
     path = student_dir(cfg, name, seed) / LAST
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path}: run the cifar10_students stage first")
+    student = students.students[name]
+    check_run_dir(path.parent, {"student": {k: v for k, v in asdict(student).items() if k != "seeds"},
+                                "seed": seed, "train": asdict(students.train_config()),
+                                "model": asdict(students.student_unet(cfg.model)), "code": code_digest(student)},
+                  "rerun the cifar10_students stage first")
     unet = students.student_unet(cfg.model)
     model = make_model(unet)
-    load_checkpoint(path, model, student_meta(unet, name, seed, students.students[name]))
+    load_checkpoint(path, model, student_meta(unet, name, seed, student))
     return model.to(cfg.device).eval()

