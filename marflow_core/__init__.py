@@ -10,7 +10,7 @@ from .divergence import (
     hutchinson_divergence,
     sample_probes,
 )
-from .errors import CheckpointError, InvalidParameter, NonFiniteLossError
+from .errors import CheckpointError, InvalidParameter, NonFiniteLossError, NonFiniteOutputError
 from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
 from .marginal import MAConfig, delta_field, ma_surrogate, ma_value_estimate, ma_value_rate
 from .models import TimeMLP, TimeMLPConfig, VelocityField
@@ -46,6 +46,7 @@ __all__ = [
     "LossTerms",
     "MAConfig",
     "NonFiniteLossError",
+    "NonFiniteOutputError",
     "Objective",
     "PeRFlowConfig",
     "PeRFlowSampler",

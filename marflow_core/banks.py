@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_torch_save
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidParameter
 from .integrity import verified_load, with_digest
-from .errors import InvalidParameter
 from .seeding import derive_seed
 from .solvers import FIXED_METHODS
 

@@ -18,6 +18,22 @@ class NonFiniteLossError(RuntimeError):
     or infinite, or a loss term explodes past ``TrainConfig.loss_limit``."""
 
 
+class NonFiniteOutputError(RuntimeError):
+    """A sampler or a density computation produced NaN or infinite values: broken weights or a
+    diverging field, never to be read as a property of the method (a folded map has finite outputs)."""
+
+
+def require_finite(tensor, what: str) -> None:
+    """Raise ``NonFiniteOutputError`` naming ``what`` and the count if ``tensor`` is not all finite."""
+    import torch
+
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.ndim else bad
+        raise NonFiniteOutputError(f"{what}: {int(rows.sum())} of {rows.numel()} samples are NaN or "
+                                   f"infinite (broken weights or a diverging field, not a folded map)")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable or truncated, another architecture, another
     method. The message names the file."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .divergence import batch_jacobian, divergence_fn
+from .errors import require_finite
 from .models import VelocityField
 from .solvers import batch_grid, odeint_fixed
 
@@ -87,4 +88,7 @@ def euler_map_with_logdet(
         logdet = logdet + logabs
         folded |= sign.detach() <= 0
         x = x + h.reshape(-1, *([1] * (x.ndim - 1))) * v
+        require_finite(x.detach(), f"Euler map, step {i + 1} of {grid.shape[0] - 1}")
+        require_finite(torch.where(sign.detach() == 0, 0.0, logabs.detach()),
+                       f"Euler map log|det|, step {i + 1}")
     return FlowWithLogDet(x, logdet, int(folded.sum()))

@@ -80,10 +80,13 @@ class GaussianMixtureTeacher:
         sd = torch.as_tensor(stds, dtype=dtype, device=device)
         if w.ndim != 1 or len(w) < 1:
             raise InvalidParameter("weights", w.tolist(), "need a non-empty list of M weights")
-        if mu.ndim != 2 or len(mu) != len(w):
-            raise InvalidParameter("means", mu.tolist(), f"need {len(w)} points of one dimension")
-        if sd.ndim != 1 or len(sd) != len(w):
-            raise InvalidParameter("stds", sd.tolist(), f"need {len(w)} stds")
+        if mu.ndim != 2:
+            raise InvalidParameter("means", mu.tolist(), "need a list of points of one dimension")
+        if sd.ndim != 1:
+            raise InvalidParameter("stds", sd.tolist(), "need a list of numbers")
+        if not len(w) == len(mu) == len(sd):
+            raise InvalidParameter("weights", w.tolist(), f"{len(w)} weights, {len(mu)} means and {len(sd)} "
+                                   f"stds: one weight, one mean and one std per mode")
         if (w <= 0).any():
             raise InvalidParameter("weights", w.tolist(), "must be > 0")
         if (sd <= 0).any():

@@ -73,6 +73,7 @@ floor = reference_floor(teacher, eval_cfg)
 pd.set_option("display.precision", 4)
 show = ["student", "nfe", "kl", "kl_se", "tv", "tv_se", "mode_mass_error", "off_mode",
         "sliced_w2", "mmd2", "folded", "crosses_windows", "tm_loss", "tm_loss_se"]
+show += ["status"] if (table.status != "ok").any() else []  # why a row's KL is not a number, in words
 print(f"n = {eval_cfg.n_samples} samples (KL, TV, mode mass, sliced W2 with "
       f"{eval_cfg.sw_projections} directions), {eval_cfg.mmd_samples} (MMD), "
       f"{eval_cfg.tm_eval_batch} (TM loss)")

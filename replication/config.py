@@ -46,6 +46,23 @@ def require_each(obj: Any, where: str, keys: tuple[str, ...], ok, why: str) -> N
         require(ok(getattr(obj, key)), f"{where}.{key}", getattr(obj, key), why)
 
 
+def check_nfe_list(values: list[int], where: str, allow_empty: bool = False) -> None:
+    """A list of step counts: non-empty (unless ``allow_empty``), each >= 1, none repeated."""
+    require(allow_empty or len(values) >= 1, where, values,
+            "list at least one NFE (an empty list evaluates nothing)")
+    for i, n in enumerate(values):
+        require(n >= 1, f"{where}[{i}]", n, "an NFE (number of steps) must be >= 1")
+    repeated = sorted({n for n in values if values.count(n) > 1})
+    require(not repeated, where, values, f"{repeated} listed more than once: list each NFE once")
+
+
+def check_name_list(values: list[str], where: str, what: str = "student") -> None:
+    """A list of names: non-empty and none repeated."""
+    require(len(values) >= 1, where, values, f"list at least one {what} (an empty list evaluates nothing)")
+    repeated = sorted({n for n in values if values.count(n) > 1})
+    require(not repeated, where, values, f"{repeated} listed more than once")
+
+
 def check_device(device: str, where: str) -> None:
     """``cpu``, or ``cuda`` / ``cuda:N`` on a machine where that CUDA device exists."""
     import re
@@ -176,25 +193,27 @@ def from_dict(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
     inactive = obj.inactive_fields() if hasattr(obj, "inactive_fields") else {}
     if refused and not set(refused) & set(inactive):
         raise next(iter(refused.values()))
+    missing = [name for name in fields if name not in data and name not in inactive]
+    if missing and complete:
+        missing_keys(where, missing, {name: getattr(obj, name) for name in missing})
+    if not refused:
+        _validate(obj, where)
     given = {key: why for key, why in inactive.items() if key in data}
     if given:
         key = sorted(given)[0]
         fail(f"{where}.{key}", data[key], f"has no effect: {given[key]}; remove "
              f"{'these keys' if len(given) > 1 else 'it'}: {sorted(given)}")
-    missing = [name for name in fields if name not in data and name not in inactive]
-    if missing and complete:
-        missing_keys(where, missing, {name: getattr(obj, name) for name in missing})
     return obj
 
 
 def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[str, ConfigError]) -> T:
-    """``cls(**kwargs)``, validated. With ``refused`` keys (left at their defaults here) a failure
-    is reported as the first refused key's own error."""
+    """``cls(**kwargs)`` (validated here only with ``refused`` keys, left at their defaults, when a
+    failure is reported as the first refused key's own error; else the caller validates once the
+    section is known to be complete)."""
     try:
         obj = cls(**kwargs)
-        validate = getattr(obj, "validate", None)
-        if validate is not None:
-            validate(where)
+        if refused:
+            _validate(obj, where)
     except (InvalidParameter, ConfigError, TypeError) as err:
         if refused:
             raise next(iter(refused.values())) from None
@@ -202,6 +221,17 @@ def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[s
             fail(f"{where}.{err.key}", err.value, err.why)
         raise
     return obj
+
+
+def _validate(obj: Any, where: str) -> None:
+    """``obj.validate(where)`` where defined, its ``InvalidParameter`` mapped to the key path."""
+    validate = getattr(obj, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate(where)
+    except InvalidParameter as err:
+        fail(f"{where}.{err.key}", err.value, err.why)
 
 
 def missing_keys(where: str, names: list[str], defaults: dict[str, Any]) -> typing.NoReturn:

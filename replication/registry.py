@@ -39,6 +39,9 @@ HARNESS_FILES: tuple[str, ...] = (
 GLOBAL_KEYS: tuple[str, ...] = ("profile",)
 
 CrossCheck = Callable[[dict[str, Any]], None]
+#: ``params -> reason`` when a stage cannot run on these params by design (an unlabelled image
+#: folder and a stage that needs labels), else None; decided at validation
+SkipRule = Callable[[dict[str, Any]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,14 @@ class StageSpec:
     out_dir: str
     checks: tuple[CrossCheck, ...] = ()
     threads: int = 1
+    skip_rules: tuple[SkipRule, ...] = ()
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         return _validate_stage(self, params)
+
+    def skip_reason(self, params: dict[str, Any]) -> str | None:
+        """Why this stage is skipped on ``params`` (the first rule that gives a reason), or None."""
+        return next((r for r in (rule(params) for rule in self.skip_rules) if r), None)
 
 
 @dataclass(frozen=True)

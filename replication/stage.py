@@ -119,9 +119,17 @@ def run_stage(name: str, params_path: Path | None = None, root: Path = REPO_ROOT
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run of this stage
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp_dir, 0o777 & ~_umask())  # mkdtemp's 0700 would become the results folder's mode
     try:
-        executed = _execute(spec, params, tmp_dir, root, progress)
-        _scrub(executed, spec, tmp_dir, root)
+        reason = spec.skip_reason(all_params)
+        if reason is not None:
+            from .skipped import write_skipped
+
+            print(f"stage {name} skipped: {reason}", file=sys.stderr)
+            write_skipped(name, reason, spec.out_dir, tmp_dir, root)
+        else:
+            executed = _execute(spec, params, tmp_dir, root, progress)
+            _scrub(executed, spec, tmp_dir, root)
     except BaseException:
         failed = root / "results" / ".failed" / name
         shutil.rmtree(failed, ignore_errors=True)
@@ -136,6 +144,12 @@ def run_stage(name: str, params_path: Path | None = None, root: Path = REPO_ROOT
     tmp_dir.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         spec, all_params, params_path = validated(args.stage, args.params)
         if args.check_only:
             print(f"{params_path}: parameters of stage {args.stage} are valid")
+            reason = spec.skip_reason(all_params) if isinstance(spec, StageSpec) else None
+            if reason is not None:
+                print(f"stage {args.stage} will be skipped: {reason}")
             return 0
         if isinstance(spec, ModuleStage):
             summary = run_module_stage(spec, all_params, progress=not args.quiet)

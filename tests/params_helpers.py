@@ -76,7 +76,6 @@ def _mark(path: tuple, value: Any, added: set) -> None:
 def _bare(cls: type, data: Any) -> Any:
     """An instance of dataclass ``cls`` holding ``data`` (nested dataclasses too), built without
     running its checks: enough to ask it for its ``inactive_fields``."""
-    import dataclasses
     import typing
 
     if not isinstance(data, dict):

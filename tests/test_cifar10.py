@@ -283,11 +283,14 @@ def test_config_errors_name_the_key(tmp_path):
     validate(base)
     students = ("cifar10_students", "students")
     cases = [
-        (with_value(base, (*students, "s"), {"method": "reflow", "windows": 4}),
+        (with_value(base, (*students, "s"), {"method": "reflow", "windows": 4, "ma": False, "seeds": [0]}),
          r"cifar10_students.students.s.windows = 4: reflow uses K = 1"),
-        (with_value(base, (*students, "s"), {"method": "flowmap"}), r"cifar10_students.students.s.method"),
+        (with_value(base, (*students, "s"), {"method": "flowmap", "windows": 1, "ma": False, "seeds": [0]}),
+         r"cifar10_students.students.s.method"),
         (with_value(base, (*students, "teacher"), {"method": "reflow"}), r"cifar10_students.students.teacher"),
-        (with_value(base, ("cifar10_students", "ma"), {"weight": 0.1, "divergence": "exact", "n_probes": 2}),
+        (with_value(base, ("cifar10_students", "ma"), {
+            **{k: v for k, v in base["cifar10_students"]["ma"].items() if k not in ("fd_step", "probe_kind")},
+            "divergence": "exact", "n_probes": 2}),
          r"cifar10_students.ma.n_probes"),
         (with_value(base, ("cifar10_students", "dropout"), 0.1), r"cifar10_students.dropout = 0.1: must be 0"),
         (with_value(base, ("cifar10", "model", "attention_head_dim"), 3), r"cifar10.model.attention_head_dim = 3"),
@@ -317,11 +320,13 @@ def test_keys_without_effect_are_refused(tmp_path):
         validate(with_value(no_ma, ("cifar10_students", "ma"), {"weight": 0.1}))
     with pytest.raises(ConfigError, match=r"cifar10_students.t_max = 0.9: has no effect"):
         validate(with_value(no_ma, ("cifar10_students", "t_max"), 0.9))
-    only_reflow = with_value(base, ("cifar10_students", "students"), {"r": {"method": "reflow", "windows": 1, "ma": True, "ma_weight": None, "ma_substeps": None, "seeds": [0]}})
+    reflow_ma = {"method": "reflow", "windows": 1, "ma": True, "ma_weight": None, "ma_substeps": None, "seeds": [0]}
+    only_reflow = with_value(base, ("cifar10_students", "students"), {"r": reflow_ma})
     with pytest.raises(ConfigError, match=r"cifar10_students.perflow = .*has no effect"):
         validate(only_reflow)
     with pytest.raises(ConfigError, match=r"students.r.ma_weight = 0.5: has no effect"):
-        validate(with_value(base, (*("cifar10_students", "students"), "r"), {"method": "reflow", "ma_weight": 0.5}))
+        validate(with_value(base, (*("cifar10_students", "students"), "r"), {"method": "reflow", "windows": 1, "ma": False,
+                                                                                "ma_weight": 0.5, "seeds": [0]}))
 
 
 def test_the_gpu_params_sections_validate_and_match_dvc():

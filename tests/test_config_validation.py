@@ -55,7 +55,7 @@ BAD_VALUES = [
     (("toy2d_train", "students", "reflow_ma", "ma_weight"), -1.0,
      "toy2d_train.students.reflow_ma.ma_weight = -1.0"),
     (("toy2d_train", "perflow", "teacher_steps"), 0, "toy2d_train.perflow.teacher_steps = 0"),
-    (("toy2d_eval", "nfe"), [1, -2], "toy2d_eval.nfe = [1, -2]"),
+    (("toy2d_eval", "nfe"), [1, -2], "toy2d_eval.nfe[1] = -2: an NFE (number of steps) must be >= 1"),
     (("toy2d_train", "lr"), "fast", "toy2d_train.lr = 'fast'"),
     (("toy2d_train", "stepz"), 10, "toy2d_train.stepz = 10"),
 ]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from params_helpers import fill_defaults
 
 from replication import stage

@@ -21,7 +21,7 @@ from marflow_core import InvalidParameter, MAConfig, PeRFlowConfig, ReflowPairCo
 from marflow_core.unet import UNetConfig
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
-from ..config import check_device, require, require_each
+from ..config import check_device, check_nfe_list, require, require_each
 
 SIZE, CHANNELS = 32, 3
 OUTPUTS = "replication/gpu/outputs/cifar10"
@@ -164,10 +164,8 @@ class FIDConfig:
     def validate(self, where: str) -> None:
         require_each(self, where, ("n_samples", "n_reference", "batch_size"), lambda v: v >= 2, ">= 2")
         require(self.n_reference <= 50000, f"{where}.n_reference", self.n_reference, "<= 50000")
-        for key in ("nfe", "teacher_nfe"):
-            require(all(n >= 1 for n in getattr(self, key)), f"{where}.{key}", getattr(self, key),
-                    "each >= 1")
-        require(len(self.nfe) >= 1, f"{where}.nfe", self.nfe, "at least one step count")
+        check_nfe_list(self.nfe, f"{where}.nfe")
+        check_nfe_list(self.teacher_nfe, f"{where}.teacher_nfe", allow_empty=True)
         require(self.grid_images >= 0, f"{where}.grid_images", self.grid_images, ">= 0")
 
 

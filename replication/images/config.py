@@ -9,12 +9,13 @@ cross-field checks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from marflow_core import MAConfig, ReflowPairConfig, TrainConfig, WindowBankConfig
+from marflow_core import InvalidParameter, MAConfig, ReflowPairConfig, TrainConfig, WindowBankConfig
 from marflow_core.unet import UNetConfig
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
-from ..config import check_device, require, require_each
+from ..config import check_device, check_name_list, check_nfe_list, require, require_each
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "folder")
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun")
@@ -44,14 +45,21 @@ class ImagesConfig:
                 "must lie in (0, 1)")
         if self.dataset == "digits":
             require(self.size == 8, f"{where}.size", self.size, "scikit-learn digits are 8x8")
+        if self.dataset == "folder":
+            require(isinstance(self.folder, str) and self.folder != "", f"{where}.folder", self.folder,
+                    "dataset: folder needs the path of a folder of PNG/JPEG images")
+            from .data import image_paths
+
+            try:
+                image_paths(self.folder)
+            except InvalidParameter as err:
+                require(False, f"{where}.folder", err.value, err.why)
         if self.dataset in ("digits", "mnist"):
             require(self.channels == 1, f"{where}.channels", self.channels, f"{self.dataset} is grayscale")
         else:
             require(self.channels in (1, 3), f"{where}.channels", self.channels, "1 (gray) or 3 (RGB)")
         require(self.model.norm_groups <= min(self.model.widths), f"{where}.model.norm_groups",
                 self.model.norm_groups, "must not exceed the smallest width")
-        from marflow_core import InvalidParameter
-
         try:
             self.model.check_size(self.size)
         except InvalidParameter as err:
@@ -60,6 +68,18 @@ class ImagesConfig:
 
     def inactive_fields(self) -> dict[str, str]:
         return {} if self.dataset == "folder" else {"folder": f"dataset is {self.dataset!r}, not 'folder'"}
+
+    def labels_missing(self) -> str | None:
+        """Why this dataset has no class labels, or None (digits and MNIST have them; a folder has
+        them when its images lie in class subfolders, ``folder/<class>/<image>``)."""
+        if self.dataset != "folder":
+            return None
+        from .data import folder_classes, image_paths
+
+        if folder_classes(image_paths(self.folder), Path(self.folder)) is not None:
+            return None
+        return (f"images.folder = {self.folder!r} has no class labels (its images are not laid out as "
+                f"<folder>/<class>/<image> with >= 2 classes)")
 
     @property
     def dim(self) -> int:
@@ -147,7 +167,8 @@ class KLConfig:
         for key in ("n_samples", "teacher_steps", "probes", "chunk"):
             require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
         require(self.n_samples >= 2, f"{where}.n_samples", self.n_samples, "need >= 2 for an error bar")
-        require(all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe, "steps must be >= 1")
+        check_nfe_list(self.nfe, f"{where}.nfe")
+        check_name_list(self.students, f"{where}.students")
         from marflow_core.solvers import FIXED_METHODS
 
         require(self.teacher_solver in FIXED_METHODS, f"{where}.teacher_solver", self.teacher_solver,
@@ -177,8 +198,8 @@ class TableConfig:
     kl: KLConfig = field(default_factory=KLConfig)
 
     def validate(self, where: str) -> None:
-        require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe,
-                "steps must be >= 1")
+        check_nfe_list(self.nfe, f"{where}.nfe")
+        check_nfe_list(self.inception_nfe, f"{where}.inception_nfe", allow_empty=True)
         for i, n in enumerate(self.inception_nfe):
             require(n in self.nfe, f"{where}.inception_nfe[{i}]", n, f"must be one of nfe {self.nfe}")
         require(self.inception_samples >= 4, f"{where}.inception_samples", self.inception_samples,

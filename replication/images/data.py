@@ -121,31 +121,99 @@ def image_paths(folder: str | Path) -> list[Path]:
     return paths
 
 
+#: how each PIL mode is read (docs/tiers.md, "A folder of yours"): the divisor that maps its integer
+#: values onto [0, 1]; 16-bit grayscale PNGs open as "I;16*" or "I" and keep their 16 bits
+_SCALE = {"L": 255.0, "RGB": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0}
+
+
+def image_array(img, path: Path):
+    """A PIL image as float32 (H, W, C) in [0, 1], C = 1 or 3, read at its own bit depth.
+
+    ``1`` (bilevel) and ``P`` (palette) images are expanded, ``CMYK`` / ``YCbCr`` converted to RGB;
+    16-bit grayscale keeps 16 bits (``/ 65535``). An alpha channel is dropped only when it is fully
+    opaque; a transparent pixel is refused by name (no background is guessed). Float images (``F``)
+    are refused."""
+    import numpy as np
+
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            raise UnreadableImage(f"cannot read image {path}: it has transparent pixels (mode {img.mode}, "
+                                  f"{int((alpha < 255).sum())} pixels with alpha < 255); marflow does not "
+                                  f"guess a background: flatten the image onto one, or remove its alpha")
+        img = img.convert("RGB" if mode.startswith("RGB") else "L")
+        mode = img.mode
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img, mode = img.convert("RGB"), "RGB"
+    if mode not in _SCALE:
+        raise UnreadableImage(f"cannot read image {path}: PIL mode {mode!r} is not supported (8- or 16-bit "
+                              f"grayscale, 8-bit RGB, palette or opaque RGBA images are)")
+    array = np.asarray(img, dtype=np.float64) / _SCALE[mode]
+    if array.max() > 1.0:
+        raise UnreadableImage(f"cannot read image {path}: mode {mode} values exceed {_SCALE[mode]:.0f}")
+    return (array[..., None] if array.ndim == 2 else array).astype(np.float32)
+
+
 def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """One file as float32 (channels, size, size) in [-1, 1]: shorter side resized, centre-cropped."""
+    """One file as float32 (channels, size, size) in [-1, 1]: read at its own bit depth
+    (``image_array``), converted to gray (ITU-R 601 luma, as PIL's ``L``) or RGB (gray repeated),
+    shorter side resized (bilinear, antialiased), centre-cropped."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+            img.load()
+            array = image_array(img, path)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise UnreadableImage(f"cannot read image {path}: {err}") from err
-    img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BILINEAR, antialias=True), size)
-    return TF.pil_to_tensor(img).to(torch.float32) / 127.5 - 1.0
+    x = torch.from_numpy(array).permute(2, 0, 1)
+    if channels == 1 and x.shape[0] == 3:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    elif channels == 3 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    x = TF.center_crop(TF.resize(x, size, interpolation=InterpolationMode.BILINEAR, antialias=True), size)
+    return (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
 
 
 def load_image_folder_split(folder: str | Path, size: int = 32, channels: int = 3,
                             heldout_fraction: float = 0.2, seed: int = 0) -> ImageSplit:
-    """A folder of PNG/JPEG images (any sizes) at ``size`` x ``size``, 1 (gray) or 3 (RGB) channels,
-    unlabeled. Errors name the missing folder, the accepted extensions, or the unreadable file."""
+    """A folder of PNG/JPEG images (any sizes) at ``size`` x ``size``, 1 (gray) or 3 (RGB) channels;
+    labelled by class subfolder (``folder/<class>/<image>``, ``folder_labels``), else unlabelled.
+    Errors name the missing folder, the accepted extensions, or the unreadable file."""
     _check_size(size)
     _check_fraction(heldout_fraction)
     if channels not in (1, 3):
         raise InvalidParameter("channels", channels, "must be 1 (grayscale) or 3 (RGB)")
-    x = torch.stack([read_image(p, int(size), channels) for p in image_paths(folder)])
-    return _split(x, None, heldout_fraction, seed, f"folder:{Path(folder).name}")
+    paths = image_paths(folder)
+    x = torch.stack([read_image(p, int(size), channels) for p in paths])
+    return _split(x, folder_labels(paths, Path(folder)), heldout_fraction, seed, f"folder:{Path(folder).name}")
+
+
+def folder_classes(paths: list[Path], root: Path) -> list[str] | None:
+    """The class names of a folder laid out as ``root/<class>/<image>`` (every image one level
+    down, at least two classes), sorted; None for any other layout (an unlabelled folder)."""
+    parents = [p.relative_to(root).parts for p in paths]
+    if not parents or any(len(parts) != 2 for parts in parents):
+        return None
+    classes = sorted({parts[0] for parts in parents})
+    return classes if len(classes) >= 2 else None
+
+
+def folder_labels(paths: list[Path], root: Path) -> torch.Tensor | None:
+    """int64 (N,) labels from ``folder_classes`` (index in the sorted class names), or None."""
+    classes = folder_classes(paths, root)
+    if classes is None:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index[p.relative_to(root).parts[0]] for p in paths], dtype=torch.int64)
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:

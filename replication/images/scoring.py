@@ -12,7 +12,9 @@ import torch
 from tqdm import tqdm
 
 from marflow_core import stream
+from marflow_core.errors import require_finite
 
+from ..common.headline import check_finite
 from .config import ImagesConfig, StudentsStageConfig, TableConfig
 from .data import ImageSplit
 from .evaluate import adaptive_teacher_samples, few_step_samples
@@ -61,13 +63,16 @@ def sample_sets(images: ImagesConfig, students: StudentsStageConfig, cfg: TableC
     tic = time.perf_counter()
     teacher_x, teacher_nfe = adaptive_teacher_samples(teacher, x0, cfg.teacher_method, cfg.teacher_rtol,
                                                       cfg.teacher_atol)
+    require_finite(teacher_x, "teacher samples")
     sets = SampleSets(x0, teacher_x.cpu(), teacher_nfe, seconds={"teacher": time.perf_counter() - tic})
     runs = students.runs()
     for name, seed in tqdm(runs, desc="sampling", disable=not progress):
         model, windows, _ = load_student(name, seed, images, students, root)
         for nfe in cfg.nfe:
             tic = time.perf_counter()
-            sets.students[(name, seed, nfe)] = few_step_samples(model, windows, nfe, x0).cpu()
+            samples = few_step_samples(model, windows, nfe, x0).cpu()
+            require_finite(samples, f"{name} seed {seed}, {nfe}-NFE samples")
+            sets.students[(name, seed, nfe)] = samples
             sets.seconds[f"{name} seed {seed} {nfe} NFE"] = time.perf_counter() - tic
     sets.train_real = split.train[torch.randperm(len(split.train), generator=stream(cfg.seed, "train-real"))[:n]]
     sets.noise = torch.randn((n, *split.shape), generator=stream(cfg.seed, "noise-row")).clamp(-1, 1)
@@ -97,6 +102,7 @@ def kl_rows(sets: SampleSets, teacher: torch.nn.Module, students: StudentsStageC
                                  seed=cfg.seed, chunk=k.chunk)
         rows.append(_kl_row(name, seed, nfe, est))
     rows.append(teacher_self_kl(flat_teacher, x0, k, cfg.seed))
+    check_finite(rows, ("kl", "kl_stderr"), "KL table", keys=("method", "seed", "nfe"))
     return pd.DataFrame(rows), time.perf_counter() - tic
 
 

@@ -32,6 +32,14 @@ def inception_fits_heldout(params: dict[str, Any]) -> None:
                 table.inception_samples, f"digits' held-out split has about {heldout} images")
 
 
+def needs_labels(params: dict[str, Any]) -> str | None:
+    """A stage that trains or uses the domain classifier (its FD, the class-mass metrics) is
+    skipped on a dataset without class labels."""
+    why = section(params, "images").labels_missing()
+    return None if why is None else (f"{why}; the domain classifier, its FD and the class-mass metrics "
+                                     f"need labels")
+
+
 DATA = ("images",)
 TIER = Tier(
     name="images",
@@ -40,12 +48,12 @@ TIER = Tier(
         StageSpec("images_teacher", "notebooks/images_teacher.py", (*DATA, "images_teacher"),
                   "results/images/teacher", threads=2),
         StageSpec("images_reference", "notebooks/images_reference.py", (*DATA, "images_reference"),
-                  "results/images/reference", threads=2),
+                  "results/images/reference", threads=2, skip_rules=(needs_labels,)),
         StageSpec("images_students", "notebooks/images_students.py", (*DATA, "images_students"),
                   "results/images/students", threads=2),
         StageSpec("table_images", "notebooks/table_images.py",
                   (*DATA, "images_reference", "images_students", "table_images"), "results/images/table",
-                  (kl_students_exist, inception_fits_heldout), threads=2),
+                  (kl_students_exist, inception_fits_heldout), threads=2, skip_rules=(needs_labels,)),
     ),
     persistent_outputs=tuple(f"{CHECKPOINTS}/{d}" for d in ("teacher", "reference", "students")),
 )

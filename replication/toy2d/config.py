@@ -21,7 +21,7 @@ from marflow_core import (
 )
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
-from ..config import check_device, require
+from ..config import check_device, check_name_list, check_nfe_list, require
 
 
 @dataclass
@@ -94,8 +94,7 @@ class EvalConfig:
 
     def validate(self, where: str) -> None:
         require(self.n_samples >= 2, f"{where}.n_samples", self.n_samples, "must be >= 2")
-        require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"{where}.nfe", self.nfe,
-                "steps must be >= 1")
+        check_nfe_list(self.nfe, f"{where}.nfe")
         _positive(self, where, ("sw_projections", "tm_eval_batch", "teacher_steps"))
         _positive(self, where, ("mmd_samples",), minimum=2)
         require(self.mmd_samples <= self.n_samples, f"{where}.mmd_samples", self.mmd_samples,
@@ -110,6 +109,7 @@ class Fig1Config:
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
+        check_name_list(self.students, f"{where}.students")
         _positive(self, where, ("nfe_show", "n_show"))
         _positive(self, where, ("n_trajectories",), minimum=0)
         require(self.n_trajectories <= self.n_show, f"{where}.n_trajectories", self.n_trajectories,
@@ -129,6 +129,7 @@ class UnderdeterminationConfig:
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
+        check_name_list(self.students, f"{where}.students")
         require(0 < abs(self.rotation_degrees) < 360, f"{where}.rotation_degrees", self.rotation_degrees,
                 "must be a non-zero angle in (-360, 360)")
         require(self.tm_equal_within_se > 0, f"{where}.tm_equal_within_se", self.tm_equal_within_se,
@@ -145,6 +146,7 @@ class TVBoundConfig:
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
 
     def validate(self, where: str) -> None:
+        check_name_list(self.students, f"{where}.students")
         _positive(self, where, ("steps_per_window", "ode_substeps", "ode_euler_steps"))
         _positive(self, where, ("n_samples",), minimum=2)
 

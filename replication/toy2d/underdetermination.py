@@ -25,6 +25,7 @@ from marflow_core import (
     uniform_grid,
 )
 
+from ..common.headline import check_finite
 from ..common.stats import Estimate, mc_mean, paired_difference, standard_normal_log_prob
 from .config import EvalConfig, Toy2DConfig, TrainStageConfig, UnderdeterminationConfig
 from .evaluate import eval_noise, tm_eval_batch
@@ -135,6 +136,8 @@ def score_snapshots(
                 name, student.config.method, student.windows.n_windows,
                 int(path.stem.split("_")[1]), mc_mean(per_sample), kl_tv(dens.log_q, dens.log_p)["kl"],
                 dens.n_folded / len(dens.y), per_sample))
+    check_finite([s.as_row() for s in scores], ("tm_loss", "kl"), "underdetermination snapshots",
+                 keys=("student", "step"))
     return scores
 
 
