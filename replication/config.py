@@ -189,7 +189,8 @@ def from_dict(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
                 refused[name] = err
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             missing_keys(where, [name], {})
-    obj = _construct(cls, kwargs, where, refused)
+    absent = [name for name in fields if name not in data] if complete else []
+    obj = _construct(cls, kwargs, where, refused, absent)
     inactive = obj.inactive_fields() if hasattr(obj, "inactive_fields") else {}
     if refused and not set(refused) & set(inactive):
         raise next(iter(refused.values()))
@@ -206,7 +207,8 @@ def from_dict(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
     return obj
 
 
-def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[str, ConfigError]) -> T:
+def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[str, ConfigError],
+               absent: list[str]) -> T:
     """``cls(**kwargs)`` (validated here only with ``refused`` keys, left at their defaults, when a
     failure is reported as the first refused key's own error; else the caller validates once the
     section is known to be complete)."""
@@ -218,6 +220,8 @@ def _construct(cls: type[T], kwargs: dict[str, Any], where: str, refused: dict[s
         if refused:
             raise next(iter(refused.values())) from None
         if isinstance(err, InvalidParameter):
+            if err.key in absent:  # the default the dataclass filled in is what it refused
+                missing_keys(where, [err.key], {})
             fail(f"{where}.{err.key}", err.value, err.why)
         raise
     return obj

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,89 @@ def test_an_unknown_key_is_named(profile, path, key, value):
     assert _key_path((*path, key)) in str(err.value), str(err.value)
 
 
-@SETTINGS
-@given(path=st.sampled_from(LEAVES))
-def test_a_missing_key_never_crashes(path):
-    params = copy.deepcopy(BASE)
-    parent = _get(params, path[:-1])
-    del parent[path[-1]]
-    try:
-        registry.validate_all(params)
-    except ConfigError as err:
-        assert str(path[0]) in str(err)
+GPU_FILE = "replication/gpu/params.yaml"
+#: both params files as their stages read them (the GPU file with ``device: cpu``: no GPU here)
+FILES = {"params.yaml": BASE, GPU_FILE: with_value(load_params(ROOT / GPU_FILE), ("cifar10", "device"), "cpu")}
+#: mappings whose entries are the user's own (students, evaluated models): dropping one is a choice
+USER_MAPPINGS = ("students", "models")
+
+
+def key_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a params tree, but the entries of ``USER_MAPPINGS``."""
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for key, value in node.items():
+        path = (*prefix, key)
+        if not (prefix and prefix[-1] in USER_MAPPINGS):
+            out.append(path)
+        out.extend(key_paths(value, path))
+    return out
+
+
+DROPPABLE = [(f, p) for f, params in FILES.items() for name in registry.sections(f)
+             for p in key_paths({name: params[name]})]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entry=st.sampled_from(DROPPABLE))
+def test_a_dropped_key_is_refused_naming_it(entry):
+    """Any one key of any section of either params file, deleted: the stages that read the section
+    refuse it, naming the key (every parameter is written out; nothing falls back to a default)."""
+    params_file, path = entry
+    params = copy.deepcopy(FILES[params_file])
+    del _get(params, path[:-1])[path[-1]]
+    with pytest.raises(ConfigError) as err:
+        registry.section(params, path[0])
+    message, where, key = str(err.value), _key_path(path[:-1]), path[-1]
+    named = (message.startswith(f"{_key_path(path)}: ") or
+             (where and message.startswith(f"{where}.") and repr(key) in message))
+    assert named, f"dropping {_key_path(path)} from {params_file}: {message}"
+    assert "missing" in message
+
+
+KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w-]*):(\s|$)")
+
+
+def block_key_lines(text: str) -> list[int]:
+    """Indices of the lines that are one whole ``key: value`` entry of a block mapping (not inside
+    or opening a flow collection that continues on the next line)."""
+    out, depth = [], 0
+    for i, line in enumerate(text.splitlines()):
+        code = line.split("#", 1)[0]
+        opened = sum(code.count(c) for c in "{[") - sum(code.count(c) for c in "}]")
+        if depth == 0 and opened == 0 and KEY_LINE.match(line):
+            out.append(i)
+        depth += opened
+    return out
+
+
+DUPLICABLE = [(f, i) for f in FILES for i in block_key_lines((ROOT / f).read_text())]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entry=st.sampled_from(DUPLICABLE))
+def test_a_duplicated_key_is_refused_naming_it_and_both_lines(entry, tmp_path_factory):
+    """Any one ``key:`` line of either params file, written twice: refused as DVC refuses it, with
+    the key and both line numbers (never "the last one wins")."""
+    params_file, index = entry
+    lines = (ROOT / params_file).read_text().splitlines()
+    key = KEY_LINE.match(lines[index]).group(2)
+    lines.insert(index + 1, lines[index])
+    path = tmp_path_factory.mktemp("dup") / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path, overlay=False)
+    assert str(err.value) == (f"{path}, line {index + 2}, column {len(KEY_LINE.match(lines[index]).group(1)) + 1}:"
+                              f" duplicate key {key!r} (first at line {index + 1}); DVC refuses such a file "
+                              f"too: keep one of them")
+
+
+def test_a_duplicated_key_inside_a_flow_mapping_is_refused(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("{hidden: 64, depth: 2,", "{hidden: 64, hidden: 32, depth: 2,")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"duplicate key 'hidden'"):
+        load_params(tmp_path / "params.yaml")
 
 
 @SETTINGS
