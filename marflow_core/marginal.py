@@ -97,6 +97,17 @@ class MAConfig:
         return unused
 
 
+def score_horizon(teacher: Teacher, t_end: torch.Tensor) -> torch.Tensor:
+    """Where a window's MA term ends: ``t_end``, or the teacher's score cutoff ``t_max`` when its
+    score is only defined below it (a learned velocity's ``(t v - x) / (1 - t)`` is 0/0 at t = 1).
+
+    The student is integrated to this time and scored there, so that the end point and the score
+    time agree: scoring a t = 1 end point with the score at 0.99 would compare the student's
+    clean samples with the teacher's law at 0.99, where ``s ~ -100 x`` amplifies every error."""
+    t_max = getattr(teacher, "t_max", None)
+    return t_end if t_max is None else t_end.clamp(max=t_max)
+
+
 def ma_surrogate(
     model: VelocityField,
     teacher: Teacher,
@@ -107,6 +118,9 @@ def ma_surrogate(
 ) -> torch.Tensor:
     """Scalar surrogate (B) averaged over the batch: ``-L - <sg(s_T(y, t_end)), y>``, over ``d`` if normalized.
 
+    The student runs from ``t_start`` to ``score_horizon(teacher, t_end)`` (``t_end`` unless the
+    teacher's score has a cutoff below it) in ``config.substeps`` steps.
+
     Hutchinson probes are drawn from ``generator``, or are the given ``probes`` ``(P, B, ...)`` (one
     column per row of ``wb``; a caller that draws them per sample, e.g. for a batch split over
     processes)."""
@@ -115,7 +129,8 @@ def ma_surrogate(
         if probes is not None:
             probes = probes[:, : wb.x_start.shape[0]]
     x = wb.x_start.detach()
-    grid = uniform_grid(wb.t_start, wb.t_end, config.substeps, x)
+    t_end = torch.maximum(score_horizon(teacher, wb.t_end), wb.t_start)
+    grid = uniform_grid(wb.t_start, t_end, config.substeps, x)
     if config.logdet == "discrete":
         flow = euler_map_with_logdet(model, x, grid, create_graph=True)
     else:
@@ -124,7 +139,7 @@ def ma_surrogate(
             create_graph=True, generator=generator, fd_step=config.fd_step, probes=probes,
         )
     with torch.no_grad():
-        score = teacher.score(flow.x.detach(), wb.t_end)
+        score = teacher.score(flow.x.detach(), t_end)
     per_sample = -flow.logdet - (score * flow.x).flatten(1).sum(-1)
     if config.window_weights is not None:
         w = torch.as_tensor(config.window_weights, dtype=x.dtype, device=x.device)
