@@ -14,8 +14,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from test_core_marginal import F64, GaussianTarget, whitened, window_batch
+from torch import nn
 
 from marflow_core import MAConfig, ma_surrogate
 from marflow_core.teachers import VelocityTeacher
