@@ -54,16 +54,20 @@ def shard_seed(base_seed: int, shard: int) -> int:
 @torch.no_grad()
 def window_bank_shard(
     teacher: VelocityField, data: torch.Tensor, windows: TimeWindows, size: int, seed: int,
-    config: WindowBankConfig,
+    config: WindowBankConfig, data_noise=None,
 ) -> dict[str, torch.Tensor]:
     """One shard from ``seed``: ``x_start, y_end: (size, ...)`` on ``data``'s device, ``k: (size,)``.
 
-    ``data: (N, ...)`` is the training set (rows drawn with replacement)."""
+    ``data: (N, ...)`` is the training set (rows drawn with replacement); ``data_noise(x1,
+    generator)``, when given, turns the drawn rows into draws of the data law (dequantization),
+    from the shard's own stream after every other draw (without it, shards are as before)."""
     gen = stream(seed, "window-bank")
     rows = torch.randint(0, len(data), (size,), generator=gen)
     _, k = windows.sample_times(size, gen, data)  # data: dtype and device only
     eps = torch.randn((size, *data.shape[1:]), generator=gen, dtype=data.dtype).to(data.device)
     x1 = data[rows.to(data.device)]
+    if data_noise is not None:
+        x1 = data_noise(x1, gen)
     k = k.to(data.device)
     t_start, t_end = windows.bounds(k, x1)
     x_start = (1 - expand_time(t_start, x1)) * eps + expand_time(t_start, x1) * x1
@@ -83,13 +87,16 @@ def generate_window_bank(
     config: WindowBankConfig,
     base_seed: int = 0,
     progress: bool = True,
+    data_noise=None,
 ) -> list[Path]:
-    """Write ``ceil(n_entries / shard_size)`` shards to ``out_dir``, skipping matching ones."""
+    """Write ``ceil(n_entries / shard_size)`` shards to ``out_dir``, skipping matching ones
+    (``data_noise``: see ``window_bank_shard``; the caller's fingerprint of the folder must say
+    which law it is)."""
     settings = {"teacher_steps": config.teacher_steps, "solver": config.solver,
                 "n_windows": windows.n_windows, "boundaries": windows.boundaries().tolist()}
 
     def make_shard(seed: int, size: int) -> dict[str, torch.Tensor]:
-        return window_bank_shard(teacher, data, windows, size, seed, config)
+        return window_bank_shard(teacher, data, windows, size, seed, config, data_noise)
 
     return banks.generate_shards(out_dir, SHARD_PATTERN, config.n_entries, config.shard_size,
                                  base_seed, SHARD_STREAM, settings, make_shard, progress,

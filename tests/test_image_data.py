@@ -221,3 +221,26 @@ def test_tensor_image_dataset(digits):
     assert len(ds) == 5 and ds[3].dtype == torch.uint8 and torch.equal(ds[3], u[3])
     with pytest.raises(InvalidParameter, match="x_uint8"):
         TensorImageDataset(digits.heldout[:5])
+
+
+def test_the_dequantized_digits_law_is_uniform_within_each_grey_level(digits):
+    """Each stored level v becomes U[v - h/2, v + h/2), h = 2/16: the offsets are uniform (KS test),
+    no value sits on the grid or at -1 any more, and every draw is fresh."""
+    from scipy import stats
+
+    from replication.images.data import QUANTIZATION_STEP, dequantize
+
+    h = QUANTIZATION_STEP["digits"]
+    assert digits.step == h
+    x = digits.train
+    levels = torch.unique(x)
+    assert len(levels) == 17 and torch.allclose(levels[1:] - levels[:-1], torch.tensor(h))
+    gen = torch.Generator().manual_seed(0)
+    y = dequantize(x, h, gen)
+    offset = (y - x).flatten().double()
+    assert float(offset.min()) >= -h / 2 and float(offset.max()) < h / 2
+    assert stats.kstest(offset.numpy() / h + 0.5, "uniform").pvalue > 1e-3
+    assert float((x == -1).double().mean()) > 0.4 and int((y == -1).sum()) == 0  # the atom at -1 is gone
+    assert not torch.equal(dequantize(x, h, gen), y)  # fresh noise per draw
+    # the stored law is recovered exactly by rounding back to the grid
+    assert torch.equal(torch.round((y + 1) / h) * h - 1, x)

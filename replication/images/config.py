@@ -18,6 +18,9 @@ from ..common.students import StudentSpec, check_window_weights, unused_pairing_
 from ..config import check_device, check_name_list, check_nfe_list, require, require_each
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "folder")
+#: the law images are drawn from: ``uniform`` dequantization of the stored grey levels (fresh noise
+#: per draw) or the stored values as they are (``none``: a law with atoms, e.g. at -1)
+DEQUANTIZE: tuple[str, ...] = ("uniform", "none")
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun")
 
 
@@ -34,12 +37,14 @@ class ImagesConfig:
     channels: int = 1
     folder: str | None = None
     heldout_fraction: float = 0.2
+    dequantize: str = "uniform"
     seed: int = 0
     device: str = "cpu"
     model: UNetConfig = field(default_factory=UNetConfig)
 
     def validate(self, where: str) -> None:
         require(self.dataset in DATASETS, f"{where}.dataset", self.dataset, f"one of {DATASETS}")
+        require(self.dequantize in DEQUANTIZE, f"{where}.dequantize", self.dequantize, f"one of {DEQUANTIZE}")
         require(self.size >= 4, f"{where}.size", self.size, "must be >= 4")
         require(0 < self.heldout_fraction < 1, f"{where}.heldout_fraction", self.heldout_fraction,
                 "must lie in (0, 1)")

@@ -28,13 +28,17 @@ class UnreadableImage(ValueError):
 
 @dataclass(frozen=True)
 class ImageSplit:
-    """A train / held-out split: float32 (N, C, H, W) in ``[-1, 1]``; int64 (N,) labels or None."""
+    """A train / held-out split: float32 (N, C, H, W) in ``[-1, 1]``; int64 (N,) labels or None.
+
+    ``step`` is the spacing of the grid the stored values were quantized to (``2 / 16`` for the 17
+    grey levels of digits, ``2 / 255`` for 8-bit images), in the same ``[-1, 1]`` units."""
 
     train: torch.Tensor
     heldout: torch.Tensor
     train_labels: torch.Tensor | None
     heldout_labels: torch.Tensor | None
     name: str
+    step: float = 2.0 / 255.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -65,10 +69,25 @@ def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Ten
 
 
 def _split(x: torch.Tensor, labels: torch.Tensor | None, heldout_fraction: float, seed: int,
-           name: str) -> ImageSplit:
+           name: str, step: float = 2.0 / 255.0) -> ImageSplit:
     train, held = split_indices(len(x), heldout_fraction, seed)
     pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
-    return ImageSplit(x[train].contiguous(), x[held].contiguous(), pick(train), pick(held), name)
+    return ImageSplit(x[train].contiguous(), x[held].contiguous(), pick(train), pick(held), name, step)
+
+
+#: the spacing of each dataset's stored value grid in [-1, 1] units: digits have 17 grey levels
+#: (0..16), MNIST and image files 8 bits (MNIST's resized values lie off the grid, but 31% of them
+#: still sit exactly at -1)
+QUANTIZATION_STEP: dict[str, float] = {"digits": 2.0 / 16.0, "mnist": 2.0 / 255.0, "folder": 2.0 / 255.0}
+
+
+def dequantize(x: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform dequantization: ``x + step * (u - 1/2)``, ``u ~ U[0, 1)`` per value, drawn from
+    ``generator``. A value stored at level ``v`` becomes uniform on ``[v - step/2, v + step/2)``,
+    so the law of the dequantized images has a density (piecewise constant between levels, no
+    atoms at -1 or +1), while its quantization is the stored law exactly."""
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x + step * (noise - 0.5)
 
 
 def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,7 +106,7 @@ def load_digits_split(heldout_fraction: float = 0.2, seed: int = 0) -> ImageSpli
     bunch = load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return _split(x, y, heldout_fraction, seed, "digits")
+    return _split(x, y, heldout_fraction, seed, "digits", step=QUANTIZATION_STEP["digits"])
 
 
 @functools.lru_cache(maxsize=1)

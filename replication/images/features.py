@@ -189,9 +189,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int
 
 
 def train_classifier(split: ImageSplit, steps: int = 600, batch: int = 128, lr: float = 2e-3,
-                     seed: int = 0, width: int = 32) -> tuple[DigitClassifier, float]:
-    """Adam on cross-entropy over the labelled train split (seeded init and batches, CPU);
-    returns the model in eval mode and its held-out accuracy."""
+                     seed: int = 0, width: int = 32, noise=None) -> tuple[DigitClassifier, float]:
+    """Adam on cross-entropy over the labelled train split (seeded init and batches, CPU; each
+    batch through ``noise(x, generator)`` when given: the data law); returns the model in eval
+    mode and its held-out accuracy."""
     if split.train_labels is None or split.heldout_labels is None:
         raise InvalidParameter("split", split.name, "has no labels; a classifier needs a labelled set")
     for key, value in (("steps", steps), ("batch", batch)):
@@ -208,7 +209,8 @@ def train_classifier(split: ImageSplit, steps: int = 600, batch: int = 128, lr: 
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        xb = x[idx] if noise is None else noise(x[idx], gen)
+        loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

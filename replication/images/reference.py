@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from marflow_core import stream
 from marflow_core.atomic import atomic_torch_save, atomic_write_text
 from marflow_core.integrity import verified_load, with_digest
 
@@ -28,16 +29,19 @@ from .features import (
     per_class_mass,
     train_classifier,
 )
-from .tier import REFERENCE_DIR, load_split
+from .tier import REFERENCE_DIR, data_noise, load_split
 
 #: the module that decides what the reference stage stores (with its import closure)
 REFERENCE_MODULE = "replication.images.reference"
 
 
-def reference_images(split: ImageSplit, cfg: ReferenceStageConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference set: the first ``reference_samples`` held-out images (all when 0), labels."""
+def reference_images(split: ImageSplit, cfg: ReferenceStageConfig,
+                     noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference set: the first ``reference_samples`` held-out images (all when 0), labels;
+    one draw of the data law (``noise``, from stream ``(cfg.seed, "reference-law")``) when given."""
     n = cfg.reference_samples or len(split.heldout)
-    return split.heldout[:n], split.heldout_labels[:n]
+    x = split.heldout[:n]
+    return (x if noise is None else noise(x, stream(cfg.seed, "reference-law"))), split.heldout_labels[:n]
 
 
 def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
@@ -54,9 +58,10 @@ def build_reference(images: ImagesConfig, cfg: ReferenceStageConfig, root: Path,
     if split.train_labels is None:
         raise ValueError(f"images.dataset = {images.dataset!r} has no labels: the domain classifier "
                          f"and the class-mass metric need a labelled dataset (digits or mnist)")
+    noise = data_noise(images)
     classifier, accuracy = train_classifier(split, cfg.classifier_steps, cfg.classifier_batch,
-                                            cfg.classifier_lr, cfg.seed, cfg.classifier_width)
-    x, labels = reference_images(split, cfg)
+                                            cfg.classifier_lr, cfg.seed, cfg.classifier_width, noise)
+    x, labels = reference_images(split, cfg, noise)
     cache = run_dir / "fidelity_cache"
     uint8 = to_uint8_rgb(x)
     inception = cache_features(uint8, INCEPTION, cache)

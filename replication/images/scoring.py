@@ -19,7 +19,7 @@ from .config import ImagesConfig, StudentsStageConfig, TableConfig
 from .data import ImageSplit
 from .evaluate import adaptive_teacher_samples, few_step_samples
 from .reference import Reference
-from .tier import load_student
+from .tier import data_noise, load_student
 
 
 def score_rows(sets: SampleSets, reference: Reference, cfg: TableConfig, progress: bool = True
@@ -74,7 +74,9 @@ def sample_sets(images: ImagesConfig, students: StudentsStageConfig, cfg: TableC
             require_finite(samples, f"{name} seed {seed}, {nfe}-NFE samples")
             sets.students[(name, seed, nfe)] = samples
             sets.seconds[f"{name} seed {seed} {nfe} NFE"] = time.perf_counter() - tic
-    sets.train_real = split.train[torch.randperm(len(split.train), generator=stream(cfg.seed, "train-real"))[:n]]
+    real = split.train[torch.randperm(len(split.train), generator=stream(cfg.seed, "train-real"))[:n]]
+    noise = data_noise(images)  # the training images as the teacher saw them: draws of the data law
+    sets.train_real = real if noise is None else noise(real, stream(cfg.seed, "train-real-law"))
     sets.noise = torch.randn((n, *split.shape), generator=stream(cfg.seed, "noise-row")).clamp(-1, 1)
     return sets
 

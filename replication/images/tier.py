@@ -37,7 +37,14 @@ from ..common.methods import method_module
 from ..common.runs import check_run_dir, prepare_run_dir
 from ..common.students import StudentSpec
 from .config import PAIRING_SECTIONS, ImagesConfig, StudentsStageConfig, TeacherStageConfig
-from .data import ImageSplit, load_digits_split, load_image_folder_split, load_mnist_split
+from .data import (
+    QUANTIZATION_STEP,
+    ImageSplit,
+    dequantize,
+    load_digits_split,
+    load_image_folder_split,
+    load_mnist_split,
+)
 
 #: the tier's module that decides what training produces: a run's code fingerprint is the import
 #: closure of this module and of its student's method module (``replication.common.fingerprint``)
@@ -64,9 +71,23 @@ def make_model(cfg: ImagesConfig) -> UNetVelocity:
     return UNetVelocity(cfg.channels, cfg.size, cfg.model).to(cfg.device)
 
 
-def data_batches(data: torch.Tensor, batch_size: int):
-    """``batch_fn(step, generator)``: ``batch_size`` training images drawn with replacement."""
-    return lambda step, gen: data[torch.randint(0, len(data), (batch_size,), generator=gen).to(data.device)]
+def data_noise(images: ImagesConfig):
+    """``noise(x, generator)`` turning stored images into draws of the tier's data law (uniform
+    dequantization of the dataset's quantization step), or None for ``dequantize: none``."""
+    if images.dequantize == "none":
+        return None
+    step = QUANTIZATION_STEP[images.dataset]
+    return lambda x, gen: dequantize(x, step, gen)
+
+
+def data_batches(data: torch.Tensor, batch_size: int, noise=None):
+    """``batch_fn(step, generator)``: ``batch_size`` training images drawn with replacement, then
+    ``noise(x, generator)`` (fresh per batch) when given."""
+    def batch(step, gen):
+        x = data[torch.randint(0, len(data), (batch_size,), generator=gen).to(data.device)]
+        return x if noise is None else noise(x, gen)
+
+    return batch
 
 
 def peak_rss_mib() -> float:
@@ -112,8 +133,9 @@ def train_teacher(images: ImagesConfig, cfg: TeacherStageConfig, root: Path,
     torch.manual_seed(cfg.seed)
     model = make_model(images)
     data = split.train.to(images.device)
-    return train(model, FlowMatchingObjective(), data_batches(data, cfg.batch_size), cfg.train_config(),
-                 run_dir, progress, desc="teacher", meta=teacher_meta(images), seed=cfg.seed)
+    batches = data_batches(data, cfg.batch_size, data_noise(images))
+    return train(model, FlowMatchingObjective(), batches, cfg.train_config(), run_dir, progress,
+                 desc="teacher", meta=teacher_meta(images), seed=cfg.seed)
 
 
 def load_teacher(images: ImagesConfig, root: Path,
@@ -170,7 +192,8 @@ def build_objective(student: StudentSpec, cfg: StudentsStageConfig, images: Imag
     else:
         p = cfg.window_bank
         prepare_run_dir(bank_dir, {**base, "bank": asdict(p), "windows": student.windows})
-        paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, images.seed, progress)
+        paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, images.seed, progress,
+                                     data_noise(images))
         bank = {k: v.to(images.device) for k, v in load_window_bank(paths).items()}
         sampler = WindowBankSampler.from_bank(windows, bank, cfg.batch_size)
     objective = DistillationObjective(sampler, teacher, student.ma_config(cfg.ma), student.record.distance)
