@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from marflow_core import stream
+from marflow_core import TimeWindows, stream
 from marflow_core.errors import require_finite
 
 from ..common.headline import check_finite
@@ -85,8 +85,10 @@ def kl_rows(sets: SampleSets, teacher: torch.nn.Module, students: StudentsStageC
             images: ImagesConfig, cfg: TableConfig, root: Path, progress: bool = True
             ) -> tuple[pd.DataFrame, float]:
     """KL(student || teacher) for ``cfg.kl.students`` x their seeds x ``cfg.kl.nfe`` on the first
-    ``cfg.kl.n_samples`` noise rows, plus the sanity row ``teacher (CNF)``: the teacher's own
-    ``teacher_steps``-step samples against its own CNF density (about 0 up to ODE error)."""
+    ``cfg.kl.n_samples`` noise rows, plus two floor rows: ``teacher (Euler)`` at each NFE (the
+    teacher's own ``nfe``-step Euler sampler: what discretisation alone costs) and the sanity row
+    ``teacher (CNF)`` (the teacher's ``teacher_steps``-step samples against its own CNF density:
+    about 0 up to ODE error)."""
     from .kl import FlatField, kl_student_teacher
 
     k = cfg.kl
@@ -103,9 +105,18 @@ def kl_rows(sets: SampleSets, teacher: torch.nn.Module, students: StudentsStageC
                                  k.teacher_steps, k.teacher_solver, k.probes, k.groups,
                                  seed=cfg.seed, chunk=k.chunk)
         rows.append(_kl_row(name, seed, nfe, est))
+    for nfe in tqdm(k.nfe, desc="KL teacher (Euler)", disable=not progress):
+        est = kl_student_teacher(flat_teacher, flat_teacher, x0, TimeWindows(1), nfe, k.teacher_steps,
+                                 k.teacher_solver, k.probes, k.groups, seed=cfg.seed, chunk=k.chunk)
+        rows.append(_kl_row(TEACHER_EULER, -1, nfe, est))
     rows.append(teacher_self_kl(flat_teacher, x0, k, cfg.seed))
     check_finite(rows, ("kl", "kl_stderr"), "KL table", keys=("method", "seed", "nfe"))
     return pd.DataFrame(rows), time.perf_counter() - tic
+
+
+#: the teacher sampled like a one-window student (``nfe`` Euler steps): the KL that discretisation
+#: alone gives, the floor every student row is read against
+TEACHER_EULER = "teacher (Euler)"
 
 
 def _kl_row(method: str, seed: int, nfe: int, est) -> dict:
