@@ -42,7 +42,7 @@ import seaborn as sns
 from replication.images.evaluate import image_grid
 from replication.images.reference import load_reference
 from replication.images.scoring import kl_rows, sample_sets, score_rows
-from replication.images.table import METRICS, aggregate, formatted, ma_deltas
+from replication.images.table import METRICS, aggregate, formatted, ma_deltas, mark_off_design
 from replication.images.tier import load_split, load_teacher
 from replication.notebook import (
     print_wall_time,
@@ -75,6 +75,7 @@ print_wall_time("scoring", seconds)
 kl, kl_seconds = kl_rows(sets, teacher, students_cfg, images, cfg, root, progress)
 print_wall_time("KL to teacher", kl_seconds)
 rows = rows.merge(kl, on=["method", "seed", "nfe"], how="outer", sort=False) if len(kl) else rows
+rows = mark_off_design(rows, {name: s.windows for name, s in students_cfg.students.items()})
 save_json({"sampling": sets.seconds, "scoring": seconds, "kl": kl_seconds},
           out / "costs.json")  # machine-dependent: git-ignored, not a DVC output
 metrics = [m for m, _, _ in METRICS if m in rows]

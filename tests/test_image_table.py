@@ -87,3 +87,15 @@ def test_samplers_count_network_evaluations():
                                           1e-8)
     assert torch.allclose(exact, x0.double() @ torch.linalg.matrix_exp(a.T.double()), atol=1e-6)
     assert nfe > 6  # dopri5 evaluates at least 6 stages per step
+
+
+def test_rows_with_fewer_steps_than_windows_are_marked():
+    import pandas as pd
+
+    from replication.images.table import mark_off_design
+
+    rows = pd.DataFrame({"method": ["perflow", "perflow", "reflow", "teacher"], "nfe": [2, 4, 1, 68],
+                         "seed": [0, 0, 0, -1]})
+    marked = mark_off_design(rows, {"perflow": 4, "reflow": 1})
+    assert marked.fewer_steps_than_windows.tolist() == [True, False, False, False]
+    assert "fewer_steps_than_windows" not in rows  # the input is left as it was

@@ -27,6 +27,16 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+def mark_off_design(rows: pd.DataFrame, windows: dict[str, int]) -> pd.DataFrame:
+    """``rows`` with ``fewer_steps_than_windows``: a student sampled with fewer steps than it has
+    windows (``nfe < K``) runs a sampler outside its design (a step crosses window boundaries), as
+    the 2-D table marks; ``windows`` maps student names to ``K`` (other rows: False)."""
+    out = rows.copy()
+    out["fewer_steps_than_windows"] = [bool(m in windows and n < windows[m])
+                                       for m, n in zip(out.method, out.nfe, strict=True)]
+    return out
+
+
 def aggregate(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """One line per (method, nfe): for each metric its seed mean, 95% t half-width and seed count."""
     out = []
