@@ -29,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("perflow (window bank)", "perflow (online, 2 Euler teacher steps)",
          "+MA, VJP divergence", "+MA, finite-difference divergence",
-         "+MA, finite differences, half batch")
+         "+MA, finite differences, half batch",
+         "+MA, discrete log-det (exact D x D Jacobian), 1/8 batch",
+         "+MA, discrete log-det (exact D x D Jacobian), 1/32 batch")
 
 
 def tier_setup(size: int):
@@ -70,7 +72,12 @@ def run_case(case: str, steps: int, threads: int, size: int) -> dict:
                 "k": torch.randint(0, 4, (n,))}
         sampler = WindowBankSampler.from_bank(windows, bank, cfg.batch_size)
     ma = None
-    if "MA" in case:
+    if "discrete" in case:  # the sampler's own log|det(I + h J)|: D VJPs per sub-step, double backward
+        from marflow_core import MAConfig
+
+        ma = MAConfig(weight=cfg.ma.weight, substeps=1, solver="euler", logdet="discrete",
+                      normalize_by_dim=True, every=1, batch_fraction=1 / 8 if "1/8" in case else 1 / 32)
+    elif "MA" in case:
         ma = replace(cfg.ma, n_probes=1, substeps=1, every=1,
                      divergence="hutchinson" if "VJP" in case else "hutchinson_fd",
                      batch_fraction=0.5 if "half" in case else 1.0)
