@@ -25,10 +25,14 @@ from .trajectory import (
 
 @dataclass
 class LossTerms:
-    """``total`` is optimized; ``parts`` (floats) are logged."""
+    """``total`` is optimized; ``parts`` (floats) are logged. ``first_term``, when given, is the
+    first summand of ``total`` (with its graph; ``L_TM`` of a distillation step with MA): on logged
+    steps the trainer splits the gradient into that term's and the rest's (``lambda L_MA``), so the
+    effective weight of each is visible."""
 
     total: torch.Tensor
     parts: dict[str, float]
+    first_term: torch.Tensor | None = None
 
 
 class Objective(Protocol):
@@ -66,6 +70,8 @@ class DistillationObjective:
             ma = ma_surrogate(model, self.teacher, wb, self.ma, generator)
             parts["ma"] = float(ma.detach())
             total = total + self.ma.weight * ma
+            parts["total"] = float(total.detach())
+            return LossTerms(total, parts, first_term=tm)
         parts["total"] = float(total.detach())
         return LossTerms(total, parts)
 

@@ -155,6 +155,25 @@ def load_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
     return state
 
 
+def _first_term_gradient(model: nn.Module, terms) -> list[torch.Tensor | None]:
+    """The gradient of ``terms.first_term`` alone (the graph kept for the total's backward)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(terms.first_term, params, retain_graph=True, allow_unused=True))
+
+
+def _gradient_norms(model: nn.Module, first: list[torch.Tensor | None]) -> dict[str, float]:
+    """``grad_norm_tm`` (the first term's) and ``grad_norm_ma`` (the rest: total minus first), before
+    clipping, from the accumulated ``.grad`` of the total."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sq_first = sq_rest = 0.0
+    for p, g in zip(params, first, strict=True):
+        total = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = torch.zeros_like(p) if g is None else g
+        sq_first += float(g.pow(2).sum())
+        sq_rest += float((total - g).pow(2).sum())
+    return {"grad_norm_tm": math.sqrt(sq_first), "grad_norm_ma": math.sqrt(sq_rest)}
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files of atomic writes that a killed process left in ``folder``."""
     stale = sorted(folder.glob(".*.tmp"))
@@ -216,7 +235,12 @@ def train(
                 f"{config.loss_limit:g}; stopped before the update, last good checkpoint kept in "
                 f"{ckpt_dir}")
         optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        logged = done % config.log_every == 0 or done == config.steps
+        split = _first_term_gradient(model, terms) if logged and terms.first_term is not None else None
         terms.total.backward()
+        if split is not None:  # the rest's gradient is the total's minus the first term's
+            terms.parts.update(_gradient_norms(model, split))
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         if not math.isfinite(grad_norm):
@@ -228,8 +252,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
         optimizer.step()
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
+        if logged:
             history.append({"step": done, **terms.parts})
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
         if ckpt_dir is not None:  # the snapshot first: once last.pt says `done`, its snapshot exists

@@ -168,3 +168,31 @@ def test_ma_term_needs_a_teacher(setup):
     objective, _ = setup
     with pytest.raises(ValueError):
         DistillationObjective(objective.sampler, None, MAConfig())
+
+
+def test_logged_steps_split_the_gradient_into_the_tm_and_ma_terms():
+    """With MA on, a logged step records ||grad L_TM|| and ||grad (lambda L_MA)||, computed apart
+    here from the same batch: the split is exact (the MA part is the total's minus the TM's)."""
+    import math
+
+    from marflow_core import LossTerms
+
+    model = torch.nn.Linear(3, 1, bias=False).double()  # float64: the subtraction loses nothing visible
+    torch.nn.init.constant_(model.weight, 0.5)
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+
+    def objective(m, batch, step, gen):
+        tm = m(x).pow(2).sum()             # grad = 2 (w.x) x
+        ma = 0.1 * m.weight.pow(2).sum()   # grad = 0.2 w
+        return LossTerms(tm + ma, {"tm": float(tm), "ma": float(ma), "total": float(tm + ma)},
+                         first_term=tm)
+
+    from marflow_core import TrainConfig, train
+
+    result = train(model, objective, lambda s, g: None, TrainConfig(steps=1, lr=1e-9, log_every=1, grad_clip=0.0),
+                   progress=False)
+    record = result.history[-1]
+    w = torch.full((3,), 0.5, dtype=torch.float64)
+    assert record["grad_norm_tm"] == pytest.approx(float((2 * (w @ x[0]) * x[0]).norm()), rel=1e-12)
+    assert record["grad_norm_ma"] == pytest.approx(float((0.2 * w).norm()), rel=1e-12)
+    assert math.isfinite(record["grad_norm_tm"])
