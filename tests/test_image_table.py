@@ -99,3 +99,30 @@ def test_rows_with_fewer_steps_than_windows_are_marked():
     marked = mark_off_design(rows, {"perflow": 4, "reflow": 1})
     assert marked.fewer_steps_than_windows.tolist() == [True, False, False, False]
     assert "fewer_steps_than_windows" not in rows  # the input is left as it was
+
+
+def test_a_family_of_paired_deltas_is_holm_corrected_with_its_mde():
+    """Two metrics x one NFE: the raw p-values by hand (t-tests on the per-seed differences), Holm
+    over the family of 2, and verdicts that follow the adjusted p only."""
+    from scipy import stats
+
+    from replication.common.testing import minimum_detectable_effect
+    from replication.images.table import corrected
+
+    rows = pd.DataFrame(
+        [{"method": "perflow", "seed": s, "nfe": 4, "fid": 10.0 + s, "kl": 1.0 + 0.1 * s} for s in range(5)]
+        + [{"method": "perflow_ma", "seed": s, "nfe": 4, "fid": 10.0 + s + d, "kl": 1.0 + 0.1 * s - 0.5 + e}
+           for s, d, e in zip(range(5), (0.3, -0.2, 0.1, -0.4, 0.2), (0.01, -0.02, 0.0, 0.02, -0.01), strict=True)])
+    out = corrected(ma_deltas(rows, "perflow_ma", "perflow", ["fid", "kl"])).set_index("metric")
+    for metric in ("fid", "kl"):
+        d = out.loc[metric, "differences"]
+        p = stats.ttest_1samp(d, 0.0).pvalue
+        assert out.loc[metric, "p_value"] == pytest.approx(p, rel=1e-9)
+    p_fid, p_kl = out.loc["fid", "p_value"], out.loc["kl", "p_value"]
+    assert p_kl < p_fid
+    assert out.loc["kl", "p_holm"] == pytest.approx(min(1, 2 * p_kl))
+    assert out.loc["fid", "p_holm"] == pytest.approx(max(min(1, 2 * p_kl), min(1, p_fid)))
+    assert out.loc["kl", "verdict_holm"] == "MA better"
+    assert out.loc["fid", "verdict_holm"].startswith("not detected (MDE ")
+    sd = pd.Series(out.loc["fid", "differences"]).std()
+    assert out.loc["fid", "mde"] == pytest.approx(minimum_detectable_effect(sd, 5, 0.05 / 2))

@@ -65,7 +65,8 @@ def formatted(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 
 
 def ma_deltas(rows: pd.DataFrame, treated: str, control: str, metrics: Sequence[str]) -> pd.DataFrame:
-    """``treated - control`` per NFE and metric, paired by training seed, with 95% t intervals."""
+    """``treated - control`` per NFE and metric, paired by training seed, with 95% t intervals (not
+    corrected for the number of tests: see ``corrected``) and the per-seed ``differences``."""
     out = []
     for nfe in sorted(set(rows.loc[rows.method == treated, "nfe"]) & set(rows.loc[rows.method == control, "nfe"])):
         for metric in metrics:
@@ -74,9 +75,41 @@ def ma_deltas(rows: pd.DataFrame, treated: str, control: str, metrics: Sequence[
             a, b = (_by_seed(rows, method, nfe, metric) for method in (treated, control))
             if set(a) & set(b):
                 iv = paired_delta(a, b)
+                common = sorted(set(a) & set(b))
                 out.append({"nfe": nfe, "metric": metric, "delta": iv.mean, "ci95": iv.half_width,
-                            "seeds": iv.n, "verdict": verdict(iv, lower_is_better(metric))})
+                            "seeds": iv.n, "verdict": verdict(iv, lower_is_better(metric)),
+                            "differences": [a[s] - b[s] for s in common]})
     return pd.DataFrame(out)
+
+
+def corrected(deltas: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """``deltas`` (``ma_deltas`` rows of one or more comparisons: one family) with, per test, the
+    paired t-test ``p_value``, its Holm-adjusted ``p_holm`` over the whole family, the
+    ``mde`` (the smallest true delta detected with ``power`` at the family's first-test level
+    ``alpha / m``) and ``verdict_holm``: ``MA better`` / ``MA worse`` where ``p_holm <= alpha``,
+    else ``not detected (MDE ...)``. Rows with fewer than two seeds are left untested."""
+    from ..common.testing import holm, minimum_detectable_effect, paired_test
+
+    out = deltas.copy()
+    tested = [i for i, d in enumerate(out.differences) if len(d) >= 2]
+    tests = {i: paired_test(out.differences.iloc[i]) for i in tested}
+    adjusted = dict(zip(tested, holm([tests[i].p_value for i in tested]), strict=True))
+    m = max(len(tested), 1)
+    out["p_value"] = [tests[i].p_value if i in tests else None for i in range(len(out))]
+    out["p_holm"] = [adjusted.get(i) for i in range(len(out))]
+    out["mde"] = [minimum_detectable_effect(tests[i].sd, tests[i].n, alpha / m, power) if i in tests else None
+                  for i in range(len(out))]
+    verdicts = []
+    for i, row in enumerate(out.itertuples()):
+        if i not in tests:
+            verdicts.append("one seed: untested")
+        elif adjusted[i] <= alpha:
+            better = (tests[i].mean < 0) == lower_is_better(row.metric)
+            verdicts.append("MA better" if better else "MA worse")
+        else:
+            verdicts.append(f"not detected (MDE {out.mde.iloc[i]:.3g})")
+    out["verdict_holm"] = verdicts
+    return out
 
 
 def _by_seed(rows: pd.DataFrame, method: str, nfe: int, metric: str) -> dict[int, float]:
