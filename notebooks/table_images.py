@@ -37,12 +37,20 @@ progress = True
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
 
 from replication.images.evaluate import image_grid
 from replication.images.reference import load_reference
 from replication.images.scoring import kl_rows, sample_sets, score_rows
-from replication.images.table import METRICS, aggregate, corrected, formatted, ma_deltas, mark_off_design
+from replication.images.table import (
+    METRICS,
+    aggregate,
+    corrected,
+    formatted,
+    ma_deltas,
+    mark_off_design,
+)
 from replication.images.tier import load_split, load_teacher
 from replication.notebook import (
     print_wall_time,
