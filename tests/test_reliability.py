@@ -232,6 +232,14 @@ def test_a_checkpoint_overwritten_inside_a_tensor_is_refused(tmp_path):
         load_checkpoint(path, _tiny_model(hidden=64))  # ... the content is not
 
 
+def test_a_checkpoint_without_a_digest_is_refused_saying_so(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"model": _tiny_model().state_dict(), "optimizer": {}, "step": 3, "history": [],
+                       "config": {}, "meta": None}, path)  # an older marflow's file, or another program's
+    with pytest.raises(CheckpointError, match=rf"{path}: has no content digest \(tensor_sha256\)"):
+        load_checkpoint(path, _tiny_model())
+
+
 def test_non_finite_weights_are_refused_even_with_a_valid_digest(tmp_path):
     model = _tiny_model()
     with torch.no_grad():
