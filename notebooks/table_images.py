@@ -122,7 +122,7 @@ fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
 for ax, metric in zip(axes, ["fid", "domain_fd", "kl"], strict=False):
     part = rows[rows.method.isin(list(students_cfg.students)) & rows[metric].notna()] if metric in rows else []
     if len(part):
-        sns.lineplot(data=part, x="nfe", y=metric, hue="method", marker="o", errorbar=("ci", 95), ax=ax)
+        sns.lineplot(data=part, x="nfe", y=metric, hue="method", marker="o", errorbar=("ci", 95), seed=0, ax=ax)
         ax.set(xscale="log", title=dict((m, label) for m, label, _ in METRICS)[metric])
         ax.set_xticks(sorted(part.nfe.unique()), labels=[str(n) for n in sorted(part.nfe.unique())])
 save_figure(fig, out / "metrics_vs_nfe.png")
