@@ -174,6 +174,17 @@ def _gradient_norms(model: nn.Module, first: list[torch.Tensor | None]) -> dict[
     return {"grad_norm_tm": math.sqrt(sq_first), "grad_norm_ma": math.sqrt(sq_rest)}
 
 
+def _evaluated(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    """``evaluate(model)`` in eval mode under ``no_grad``, the model put back in train mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            values = {k: float(v) for k, v in evaluate(model).items()}
+    finally:
+        model.train()
+    return values
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files of atomic writes that a killed process left in ``folder``."""
     stale = sorted(folder.glob(".*.tmp"))
@@ -192,6 +203,7 @@ def train(
     desc: str = "train",
     meta: dict | None = None,
     seed: int = 0,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Optimize ``objective`` for ``config.steps`` steps, resuming from ``checkpoint_dir/last.pt``.
 
@@ -201,6 +213,10 @@ def train(
     refused at resume (``CheckpointError``). Raises ``NonFiniteLossError`` naming the step and the
     loss parts; the last good checkpoint is kept. Temporary files of a killed checkpoint write are
     deleted at start: a half-written file is never loaded.
+
+    ``evaluate(model)``, when given, runs after the update of every logged step, in eval mode and
+    without gradients, and its values (held-out losses, say) join that step's history entry; it
+    must draw no randomness of its own outside a fixed generator, so that training is unchanged.
     """
     optimizer = config.make_optimizer(model.parameters())
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -253,6 +269,8 @@ def train(
                 group["lr"] = config.lr_at(step)
         optimizer.step()
         if logged:
+            if evaluate is not None:
+                terms.parts.update(_evaluated(model, evaluate))
             history.append({"step": done, **terms.parts})
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.parts.items()}, refresh=False)
         if ckpt_dir is not None:  # the snapshot first: once last.pt says `done`, its snapshot exists

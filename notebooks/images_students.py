@@ -38,8 +38,16 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from replication.images.evaluate import loss_frame
-from replication.images.tier import build_banks, load_student, optim_summary, train_students
+from replication.images.evaluate import convergence, loss_frame
+from replication.images.tier import (
+    HELDOUT_MA_ROWS,
+    build_banks,
+    heldout,
+    load_student,
+    load_teacher,
+    optim_summary,
+    train_students,
+)
 from replication.notebook import (
     print_wall_time,
     save_figure,
@@ -79,23 +87,54 @@ save_json(costs, out / "costs.json")  # machine-dependent: git-ignored, not a DV
 
 # %% [markdown]
 # ## Training curves
-# Trajectory-matching loss `L_TM` of every run and the MA surrogate of the MA runs (its value is not a
-# KL; its gradient is that of the window KL). The KL itself is measured in `table_images`.
+# Left to right: the trajectory-matching loss `L_TM` of each logged training batch; `L_TM` on a fixed
+# held-out batch (window pairs from the held-out split; reflow: pairs from fresh noise), whose
+# plateau is the convergence criterion; the MA surrogate of the MA runs (its value is not a KL; its
+# gradient is that of the sampler's window KL); and the gradient norms of the two terms on the
+# logged MA steps, before clipping (`lambda` included in the MA norm): the effective weight of MA.
+# The KL itself is measured in `table_images`.
 
 # %%
 histories = {f"{name} (seed {seed})": load_student(name, seed, images, cfg, root)[2]
              for name, seed in cfg.runs()}
-frame = loss_frame(histories, ("tm", "ma"))
+frame = loss_frame(histories, ("tm", "heldout_tm", "ma", "grad_norm_tm", "grad_norm_ma"))
 frame["student"] = frame["run"].str.split(" ").str[0]
-grid = sns.relplot(data=frame, x="step", y="value", hue="student", units="run", estimator=None,
-                   col="term", kind="line", facet_kws={"sharey": False}, height=3.2, aspect=1.4,
-                   alpha=0.7)
+frame["panel"] = frame["term"].map({"tm": "L_TM (training batch)", "heldout_tm": "L_TM (held-out)",
+                                    "ma": "MA surrogate", "grad_norm_tm": "gradient norm",
+                                    "grad_norm_ma": "gradient norm"})
+frame["term"] = frame["term"].replace({"grad_norm_tm": "TM", "grad_norm_ma": "lambda MA"})
+grid = sns.relplot(data=frame, x="step", y="value", hue="student", style="term", units="run",
+                   estimator=None, col="panel", col_wrap=4, kind="line", height=3.0, aspect=1.2,
+                   alpha=0.6, facet_kws={"sharey": False},
+                   col_order=["L_TM (training batch)", "L_TM (held-out)", "MA surrogate", "gradient norm"])
+for ax in grid.axes.flat:
+    if ax.get_title().endswith("norm"):
+        ax.set_yscale("log")
 grid.set_titles("{col_name}")
-grid.figure.suptitle(f"image tier: student losses ({optim_summary(cfg)})", y=1.04)
+sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+grid.figure.suptitle(f"image tier: student losses, every run drawn ({optim_summary(cfg)})", y=1.04)
 save_figure(grid.figure, out / "loss_curves.png")
 plt.show()
 
+# %% [markdown]
+# ## Convergence and held-out values
+# `heldout_tm_tail_change`: relative change of the held-out `L_TM` over the last third of training
+# (second half of that third against its first half; about 0 on a plateau, negative while it still
+# falls). `heldout_ma`: the MA surrogate's value on the same 64 held-out rows for every student of a
+# pairing (per dimension; lower is better aligned up to a constant shared by those students).
+
 # %%
-final = {run: {k: v for k, v in history[-1].items() if k != "step"} for run, history in histories.items()}
-display(pd.DataFrame(final).T)  # noqa: F821 (notebook builtin)
-save_json({"runs": final, "steps": cfg.steps, "batch_size": cfg.batch_size}, out / "metrics.json")
+final = {}
+for (name, seed), run in zip(cfg.runs(), histories, strict=True):
+    model = load_student(name, seed, images, cfg, root)[0]
+    scorer = heldout(cfg.students[name], cfg, images, load_teacher(images, root)[0], root, progress=False)
+    last_train = [r for r in histories[run] if "tm" in r][-1]
+    final[run] = {**convergence(histories[run]), "heldout_ma": scorer.ma_value(model),
+                  "train_tm_last_logged": last_train["tm"]}
+table = pd.DataFrame(final).T
+display(table)  # noqa: F821 (notebook builtin)
+plateau = table["heldout_tm_tail_change"].abs().max()
+print(f"largest |relative change| of the held-out L_TM over the last third of training: {plateau:.3f} "
+      f"({table['heldout_tm_tail_change'].abs().idxmax()})")
+save_json({"runs": final, "steps": cfg.steps, "batch_size": cfg.batch_size,
+           "heldout_entries": cfg.heldout_entries, "heldout_ma_rows": HELDOUT_MA_ROWS}, out / "metrics.json")

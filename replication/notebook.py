@@ -35,6 +35,11 @@ def save_json(data: Any, path: str | Path) -> None:
     atomic_write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n", path)
 
 
+def write_text(text: str, path: str | Path) -> None:
+    """Atomic text output (a generated markdown summary, say)."""
+    atomic_write_text(text, path)
+
+
 def save_figure(fig, path: str | Path, dpi: int = 130) -> None:
     """Save a matplotlib figure as PNG with fixed metadata, so reruns give identical bytes."""
     path = Path(path)

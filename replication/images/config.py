@@ -110,9 +110,12 @@ PAIRING_SECTIONS: dict[str, str] = {"teacher_pairs": "reflow_pairs", "windows": 
 @dataclass
 class StudentsStageConfig(TrainConfig):
     """Students, initialised from the teacher's weights, each over its ``seeds``; the MA term scores
-    with the teacher's ``score_from_velocity`` cut off at ``t_max``."""
+    with the teacher's ``score_from_velocity`` cut off at ``t_max``. ``heldout_entries`` window
+    pairs (or reflow pairs) made from the held-out split (fresh noise for reflow) score every
+    logged step's held-out TM loss: the convergence curve of each run."""
 
     t_max: float = 0.99
+    heldout_entries: int = 512
     reflow_pairs: ReflowPairConfig = field(default_factory=ReflowPairConfig)
     window_bank: WindowBankConfig = field(default_factory=WindowBankConfig)
     ma: MAConfig = field(default_factory=MAConfig)
@@ -120,6 +123,7 @@ class StudentsStageConfig(TrainConfig):
 
     def validate(self, where: str) -> None:
         require(0 < self.t_max < 1, f"{where}.t_max", self.t_max, "must lie in (0, 1)")
+        require(self.heldout_entries >= 2, f"{where}.heldout_entries", self.heldout_entries, "must be >= 2")
         require(len(self.students) >= 1, f"{where}.students", self.students, "need at least one student")
         check_window_weights(self.students, self.ma, where)
 
@@ -156,7 +160,9 @@ class KLConfig:
     """KL(student || teacher) by exact student log-densities (Euler change of variables, D x D
     Jacobians) and the teacher's CNF (``teacher_steps`` of ``teacher_solver`` back to noise,
     Hutchinson divergence with ``groups`` independent groups of ``probes`` probes per sample; the
-    spread of the groups is the Hutchinson error bar). ``chunk`` samples at a time."""
+    spread of the groups is the Hutchinson error bar). ``chunk`` samples at a time. The estimator's
+    own accuracy is measured: the ``teacher (CNF)`` row and seed 0 of every KL cell are also scored
+    with ``refined_steps`` teacher steps (``kl_refined``); 0 skips the refined pass."""
 
     students: list[str] = field(default_factory=lambda: ["perflow", "perflow_ma"])
     nfe: list[int] = field(default_factory=lambda: [4])
@@ -166,8 +172,11 @@ class KLConfig:
     probes: int = 1
     groups: int = 2
     chunk: int = 128
+    refined_steps: int = 32
 
     def validate(self, where: str) -> None:
+        require(self.refined_steps == 0 or self.refined_steps > self.teacher_steps, f"{where}.refined_steps",
+                self.refined_steps, f"must be 0 (off) or more than teacher_steps = {self.teacher_steps}")
         require(self.groups >= 2, f"{where}.groups", self.groups, "need >= 2 probe groups for an error bar")
         for key in ("n_samples", "teacher_steps", "probes", "chunk"):
             require(getattr(self, key) >= 1, f"{where}.{key}", getattr(self, key), "must be >= 1")
@@ -187,7 +196,11 @@ class TableConfig:
     Inception metrics (FID, KID, precision, recall) cost ~0.2 s per image plus a 2048 x 2048
     eigen-decomposition per set on a CPU, so students are scored with them at ``inception_nfe`` only
     (every seed); the teacher, ``train real`` and ``noise`` rows always are. The domain metrics and
-    the KL cover their own grids."""
+    the KL cover their own grids. Every training seed of a student gets its own noise draw (the
+    students of one seed share it: paired deltas use common random numbers), so intervals over
+    seeds cover the evaluation noise too. ``teacher_reference_samples`` adaptive teacher samples
+    (own noise) are the reference of the domain metrics against the teacher (``*_teacher``): the
+    law MA aligns to."""
 
     seed: int = 1234
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -200,6 +213,7 @@ class TableConfig:
     teacher_rtol: float = 1e-4
     teacher_atol: float = 1e-4
     grid_samples: int = 8
+    teacher_reference_samples: int = 2048
     kl: KLConfig = field(default_factory=KLConfig)
 
     def validate(self, where: str) -> None:
@@ -218,6 +232,8 @@ class TableConfig:
                 f"one of {ADAPTIVE_METHODS}")
         require_each(self, where, ("teacher_rtol", "teacher_atol"), lambda v: v > 0, "must be > 0")
         require(self.grid_samples >= 1, f"{where}.grid_samples", self.grid_samples, "must be >= 1")
+        require(self.teacher_reference_samples >= 4, f"{where}.teacher_reference_samples",
+                self.teacher_reference_samples, "must be >= 4")
 
 
 SECTIONS: dict[str, type] = {

@@ -444,3 +444,13 @@ def class_mass_error(p: torch.Tensor, q: torch.Tensor) -> float:
         raise InvalidParameter("p, q shapes", (tuple(p.shape), tuple(q.shape)),
                                "need two 1-D vectors of equal length")
     return 0.5 * float((p.double() - q.double()).abs().sum())
+
+
+def min_class_coverage(p: torch.Tensor, q: torch.Tensor) -> float:
+    """``min_c p_c / q_c`` over the classes with ``q_c > 0``: the mass of the least-covered class
+    relative to its reference share (1: every class at its share or above; 0: a class missing)."""
+    if p.shape != q.shape or p.dim() != 1:
+        raise InvalidParameter("p, q shapes", (tuple(p.shape), tuple(q.shape)),
+                               "need two 1-D vectors of equal length")
+    present = q > 0
+    return float((p.double()[present] / q.double()[present]).min())

@@ -26,6 +26,7 @@ from .features import (
     cache_features,
     class_mass_error,
     image_metrics,
+    min_class_coverage,
     per_class_mass,
     train_classifier,
 )
@@ -95,12 +96,26 @@ class Reference:
     self_scores: dict  # FID of the reference set against itself, per feature space (~0)
 
     def domain_scores(self, x: torch.Tensor) -> dict[str, float]:
-        """Domain FD (torch-fidelity, classifier features) and class-mass TV of ``x`` in [-1, 1]."""
+        """Against the held-out reference, in classifier features (torch-fidelity): domain FD,
+        precision and recall; and the class masses: TV to the held-out frequencies and the coverage
+        of the least-covered class (``min_class_coverage``). ``x`` in [-1, 1]."""
         n = min(len(x), self.n_reference)
         out = image_metrics(to_uint8_rgb(x), self.domain, self.classifier, kid_subset_size=min(n, 100),
                             prc_neighborhood=min(3, n - 1))
-        mass = class_mass_error(per_class_mass(self.classifier, x), self.class_freq)
-        return {"domain_fd": float(out["fid"]), "class_mass_error": mass}
+        mass = per_class_mass(self.classifier, x)
+        return {"domain_fd": float(out["fid"]), "domain_precision": float(out["precision"]),
+                "domain_recall": float(out["recall"]), "class_mass_error": class_mass_error(mass, self.class_freq),
+                "class_coverage": min_class_coverage(mass, self.class_freq)}
+
+    def teacher_scores(self, x: torch.Tensor, teacher_uint8: torch.Tensor) -> dict[str, float]:
+        """Against the teacher's own samples (``teacher_uint8``, uint8 RGB), in classifier features:
+        FD, KID, precision and recall, suffixed ``_teacher``: the law MA aligns the student with."""
+        n = min(len(x), len(teacher_uint8))
+        out = image_metrics(to_uint8_rgb(x), teacher_uint8, self.classifier, kid_subset_size=min(n, 100),
+                            prc_neighborhood=min(3, n - 1))
+        return {"domain_fd_teacher": float(out["fid"]), "domain_kid_teacher": float(out["kid_mean"]),
+                "domain_precision_teacher": float(out["precision"]),
+                "domain_recall_teacher": float(out["recall"])}
 
     def inception_scores(self, x: torch.Tensor, cfg: TableConfig) -> dict[str, float]:
         """FID, KID, precision, recall (torch-fidelity, TF-2015 Inception) of ``x`` in [-1, 1]."""

@@ -4,7 +4,7 @@ against the reference (``reference.py``), and KL(student || teacher) rows."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,7 @@ from marflow_core.errors import require_finite
 
 from ..common.headline import check_finite
 from .config import ImagesConfig, StudentsStageConfig, TableConfig
-from .data import ImageSplit
+from .data import ImageSplit, to_uint8_rgb
 from .evaluate import adaptive_teacher_samples, few_step_samples
 from .reference import Reference
 from .tier import data_noise, load_student
@@ -25,52 +25,75 @@ from .tier import data_noise, load_student
 def score_rows(sets: SampleSets, reference: Reference, cfg: TableConfig, progress: bool = True
                ) -> tuple[pd.DataFrame, float]:
     """One row per sample set: Inception metrics on the first ``inception_samples`` images (students
-    at ``inception_nfe`` only), domain metrics on the first ``domain_samples``. Extra rows:
+    at ``inception_nfe`` only), domain metrics on the first ``domain_samples`` against the held-out
+    split and against the teacher's ``teacher_reference`` samples (``*_teacher``). Extra rows:
     ``train real`` and ``noise``; rows without a student seed have ``seed = -1``."""
     tic = time.perf_counter()
     entries = [("teacher", -1, round(sets.teacher_nfe), sets.teacher)]
     entries += [(name, seed, nfe, x) for (name, seed, nfe), x in sets.students.items()]
     entries += [("train real", -1, 0, sets.train_real), ("noise", -1, 0, sets.noise)]
+    teacher_uint8 = to_uint8_rgb(sets.teacher_reference)
     rows = []
     for method, seed, nfe, x in tqdm(entries, desc="scoring", disable=not progress):
         row = {"method": method, "seed": seed, "nfe": nfe}
         if seed < 0 or nfe in cfg.inception_nfe:
             row |= reference.inception_scores(x[: cfg.inception_samples], cfg)
         row |= reference.domain_scores(x[: cfg.domain_samples])
+        row |= reference.teacher_scores(x[: cfg.domain_samples], teacher_uint8)
         rows.append(row)
     return pd.DataFrame(rows), time.perf_counter() - tic
 
 
 @dataclass
 class SampleSets:
-    """Every sample set of the table, all from the noise ``x0``: ``students[(name, seed, nfe)]``."""
+    """Every sample set of the table: ``students[(name, seed, nfe)]`` from the noise ``x0[seed]`` of
+    its training seed; ``teacher`` from ``x0[0]`` (so seed 0's rows and the teacher's share noise);
+    ``teacher_reference`` from noise of its own."""
 
-    x0: torch.Tensor
+    x0: dict[int, torch.Tensor]
     teacher: torch.Tensor
     teacher_nfe: float
+    teacher_reference: torch.Tensor | None = None
     students: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
     train_real: torch.Tensor | None = None
     noise: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def table_noise(cfg: TableConfig, seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The evaluation noise of training seed ``seed``: ``n`` standard normals of ``shape`` from stream
+    ``(cfg.seed, "table-noise", seed)``; the students of one seed share it (common random numbers),
+    different seeds do not (so intervals over seeds include the evaluation noise)."""
+    return torch.randn((n, *shape), generator=stream(cfg.seed, "table-noise", seed))
+
+
 def sample_sets(images: ImagesConfig, students: StudentsStageConfig, cfg: TableConfig, root: Path,
                 teacher: torch.nn.Module, split: ImageSplit, progress: bool = True) -> SampleSets:
-    """Teacher (adaptive ODE) and every ``(student, seed, nfe)`` sampler on one noise draw of
-    ``max(inception_samples, domain_samples)`` images."""
+    """Teacher (adaptive ODE, on seed 0's noise), the teacher reference set and every
+    ``(student, seed, nfe)`` sampler on its seed's noise, ``max(inception_samples, domain_samples)``
+    images each."""
     n = max(cfg.inception_samples, cfg.domain_samples)
-    x0 = torch.randn((n, *split.shape), generator=stream(cfg.seed, "table-noise")).to(images.device)
+    runs = students.runs()
+    seeds = sorted({0, *(seed for _, seed in runs)})
+    x0 = {seed: table_noise(cfg, seed, n, split.shape).to(images.device) for seed in seeds}
     tic = time.perf_counter()
-    teacher_x, teacher_nfe = adaptive_teacher_samples(teacher, x0, cfg.teacher_method, cfg.teacher_rtol,
+    teacher_x, teacher_nfe = adaptive_teacher_samples(teacher, x0[0], cfg.teacher_method, cfg.teacher_rtol,
                                                       cfg.teacher_atol)
     require_finite(teacher_x, "teacher samples")
     sets = SampleSets(x0, teacher_x.cpu(), teacher_nfe, seconds={"teacher": time.perf_counter() - tic})
-    runs = students.runs()
+    tic = time.perf_counter()
+    ref_noise = torch.randn((cfg.teacher_reference_samples, *split.shape),
+                            generator=stream(cfg.seed, "teacher-reference")).to(images.device)
+    reference, _ = adaptive_teacher_samples(teacher, ref_noise, cfg.teacher_method, cfg.teacher_rtol,
+                                            cfg.teacher_atol)
+    require_finite(reference, "teacher reference samples")
+    sets.teacher_reference = reference.cpu()
+    sets.seconds["teacher reference"] = time.perf_counter() - tic
     for name, seed in tqdm(runs, desc="sampling", disable=not progress):
         model, windows, _ = load_student(name, seed, images, students, root)
         for nfe in cfg.nfe:
             tic = time.perf_counter()
-            samples = few_step_samples(model, windows, nfe, x0).cpu()
+            samples = few_step_samples(model, windows, nfe, x0[seed]).cpu()
             require_finite(samples, f"{name} seed {seed}, {nfe}-NFE samples")
             sets.students[(name, seed, nfe)] = samples
             sets.seconds[f"{name} seed {seed} {nfe} NFE"] = time.perf_counter() - tic
@@ -85,33 +108,53 @@ def kl_rows(sets: SampleSets, teacher: torch.nn.Module, students: StudentsStageC
             images: ImagesConfig, cfg: TableConfig, root: Path, progress: bool = True
             ) -> tuple[pd.DataFrame, float]:
     """KL(student || teacher) for ``cfg.kl.students`` x their seeds x ``cfg.kl.nfe`` on the first
-    ``cfg.kl.n_samples`` noise rows, plus two floor rows: ``teacher (Euler)`` at each NFE (the
-    teacher's own ``nfe``-step Euler sampler: what discretisation alone costs) and the sanity row
-    ``teacher (CNF)`` (the teacher's ``teacher_steps``-step samples against its own CNF density:
-    about 0 up to ODE error)."""
-    from .kl import FlatField, kl_student_teacher
+    ``cfg.kl.n_samples`` rows of each seed's noise, plus two floor rows: ``teacher (Euler)`` at each
+    NFE (the teacher's own ``nfe``-step Euler sampler: what discretisation alone costs) and the
+    sanity row ``teacher (CNF)`` (the teacher's samples against its own CNF density: about 0 up to
+    ODE and Hutchinson error). The estimator's accuracy: with ``refined_steps``, seed 0 of every cell,
+    the floor rows and the sanity row are scored again with that many teacher steps (``kl_refined``,
+    ``kl_refined_stderr``)."""
+    from .kl import FlatField
 
     k = cfg.kl
     tic = time.perf_counter()
-    shape = tuple(sets.x0.shape[1:])
-    x0 = sets.x0[: k.n_samples].flatten(1)
+    shape = tuple(sets.x0[0].shape[1:])
     flat_teacher = FlatField(teacher, shape)
     rows = []
     jobs = [(name, seed, nfe) for name in k.students for seed in students.students[name].seeds
             for nfe in k.nfe]
     for name, seed, nfe in tqdm(jobs, desc="KL", disable=not progress):
         model, windows, _ = load_student(name, seed, images, students, root)
-        est = kl_student_teacher(FlatField(model, shape), flat_teacher, x0, windows, nfe,
-                                 k.teacher_steps, k.teacher_solver, k.probes, k.groups,
-                                 seed=cfg.seed, chunk=k.chunk)
-        rows.append(_kl_row(name, seed, nfe, est))
+        x0 = sets.x0[seed][: k.n_samples].flatten(1)
+        rows.append(_kl_cell(name, seed, nfe, FlatField(model, shape), flat_teacher, x0, windows, k,
+                             cfg.seed, refine=seed == 0))
+    x0 = sets.x0[0][: k.n_samples].flatten(1)
     for nfe in tqdm(k.nfe, desc="KL teacher (Euler)", disable=not progress):
-        est = kl_student_teacher(flat_teacher, flat_teacher, x0, TimeWindows(1), nfe, k.teacher_steps,
-                                 k.teacher_solver, k.probes, k.groups, seed=cfg.seed, chunk=k.chunk)
-        rows.append(_kl_row(TEACHER_EULER, -1, nfe, est))
-    rows.append(teacher_self_kl(flat_teacher, x0, k, cfg.seed))
+        rows.append(_kl_cell(TEACHER_EULER, -1, nfe, flat_teacher, flat_teacher, x0, TimeWindows(1), k,
+                             cfg.seed, refine=True))
+    row = teacher_self_kl(flat_teacher, x0, k, cfg.seed)
+    if k.refined_steps:
+        fine = teacher_self_kl(flat_teacher, x0, replace(k, teacher_steps=k.refined_steps), cfg.seed)
+        row |= {"kl_refined": fine["kl"], "kl_refined_stderr": fine["kl_stderr"]}
+    rows.append(row)
     check_finite(rows, ("kl", "kl_stderr"), "KL table", keys=("method", "seed", "nfe"))
     return pd.DataFrame(rows), time.perf_counter() - tic
+
+
+def _kl_cell(method: str, seed: int, nfe: int, student, flat_teacher, x0: torch.Tensor, windows, k,
+             seed_base: int, refine: bool) -> dict:
+    """One KL row, scored again with ``k.refined_steps`` teacher steps when ``refine`` (and on)."""
+    from .kl import kl_student_teacher
+
+    def estimate(steps: int):
+        return kl_student_teacher(student, flat_teacher, x0, windows, nfe, steps, k.teacher_solver,
+                                  k.probes, k.groups, seed=seed_base, chunk=k.chunk)
+
+    row = _kl_row(method, seed, nfe, estimate(k.teacher_steps))
+    if refine and k.refined_steps:
+        fine = estimate(k.refined_steps)
+        row |= {"kl_refined": fine.kl, "kl_refined_stderr": fine.stderr}
+    return row
 
 
 #: the teacher sampled like a one-window student (``nfe`` Euler steps): the KL that discretisation

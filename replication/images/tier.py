@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from marflow_core import (
     DistillationObjective,
     FlowMatchingObjective,
+    MAConfig,
     ReflowPairSampler,
     TimeWindows,
     TrainConfig,
@@ -28,8 +29,12 @@ from marflow_core import (
     load_checkpoint,
     load_pairs,
     load_window_bank,
+    stream,
     train,
 )
+from marflow_core.banks import shard_seed
+from marflow_core.marginal import ma_surrogate
+from marflow_core.trajectory import WindowBatch, trajectory_matching_loss
 from marflow_core.unet import UNetVelocity
 
 from ..common import fingerprint
@@ -171,33 +176,86 @@ def bank_name(student: StudentSpec) -> str:
     return f"window_bank_K{student.windows}"
 
 
+def _bank_sampler(student: StudentSpec, cfg: StudentsStageConfig, images: ImagesConfig,
+                  teacher_net: UNetVelocity, data: torch.Tensor, root: Path, progress: bool,
+                  heldout: bool = False):
+    """The window-batch sampler of a student's bank: the pair bank (teacher pairs) or the window bank
+    of its window count, generated once and shared by all seeds and methods of that pairing. With
+    ``heldout``, the small bank of ``cfg.heldout_entries`` rows that scores held-out losses: window
+    pairs from ``data`` = the held-out split, or reflow pairs from fresh noise (its own seed), with
+    one batch of all its rows."""
+    windows = TimeWindows(student.windows)
+    base = {"images": asdict(images), "code": code_digest()}
+    name = bank_name(student) + ("_heldout" if heldout else "")
+    bank_dir = root / STUDENTS_DIR / "banks" / name
+    seed = shard_seed(images.seed, "heldout-bank", 0) if heldout else images.seed
+    batch_size = cfg.heldout_entries if heldout else cfg.batch_size
+    if student.record.pairing == "teacher_pairs":
+        p = cfg.reflow_pairs
+        n, shard = (cfg.heldout_entries, cfg.heldout_entries) if heldout else (p.n_pairs, p.shard_size)
+        prepare_run_dir(bank_dir, {**base, "pairs": asdict(p), "rows": n, "seed": seed})
+        paths = generate_reflow_pairs(teacher_net, bank_dir, n, shard, tuple(teacher_net.sample_shape),
+                                      base_seed=seed, steps=p.steps, method=p.solver, device=images.device,
+                                      progress=progress, batch_size=p.batch_size)
+        x0, x1 = load_pairs(paths)
+        return ReflowPairSampler(x0.to(images.device), x1.to(images.device), batch_size)
+    p = cfg.window_bank
+    if heldout:
+        p = replace(p, n_entries=cfg.heldout_entries, shard_size=cfg.heldout_entries)
+    prepare_run_dir(bank_dir, {**base, "bank": asdict(p), "windows": student.windows, "seed": seed})
+    paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, seed, progress, data_noise(images))
+    bank = {k: v.to(images.device) for k, v in load_window_bank(paths).items()}
+    return WindowBankSampler.from_bank(windows, bank, batch_size)
+
+
 def build_objective(student: StudentSpec, cfg: StudentsStageConfig, images: ImagesConfig,
                     teacher_net: UNetVelocity, data: torch.Tensor, root: Path, progress: bool):
     """(objective, batch_fn) of one student, by its method's pairing: teacher pairs train on the
-    pair bank, windows on the window bank; both banks are generated once (from ``images.seed``) and
-    shared by all seeds and methods of that pairing."""
+    pair bank, windows on the window bank (``_bank_sampler``)."""
     teacher = VelocityTeacher(teacher_net, t_max=cfg.t_max)
-    windows = TimeWindows(student.windows)
-    base = {"images": asdict(images), "code": code_digest()}
-    bank_dir = root / STUDENTS_DIR / "banks" / bank_name(student)
-    if student.record.pairing == "teacher_pairs":
-        p = cfg.reflow_pairs
-        prepare_run_dir(bank_dir, {**base, "pairs": asdict(p)})
-        paths = generate_reflow_pairs(teacher_net, bank_dir, p.n_pairs, p.shard_size,
-                                      tuple(teacher_net.sample_shape), base_seed=images.seed,
-                                      steps=p.steps, method=p.solver, device=images.device,
-                                      progress=progress, batch_size=p.batch_size)
-        x0, x1 = load_pairs(paths)
-        sampler = ReflowPairSampler(x0.to(images.device), x1.to(images.device), cfg.batch_size)
-    else:
-        p = cfg.window_bank
-        prepare_run_dir(bank_dir, {**base, "bank": asdict(p), "windows": student.windows})
-        paths = generate_window_bank(teacher_net, data, windows, bank_dir, p, images.seed, progress,
-                                     data_noise(images))
-        bank = {k: v.to(images.device) for k, v in load_window_bank(paths).items()}
-        sampler = WindowBankSampler.from_bank(windows, bank, cfg.batch_size)
+    sampler = _bank_sampler(student, cfg, images, teacher_net, data, root, progress)
     objective = DistillationObjective(sampler, teacher, student.ma_config(cfg.ma), student.record.distance)
     return objective, (lambda step, gen: None)  # the banks are the data
+
+
+#: rows of the held-out window batch that score the final MA value (64 Jacobians of D x D each)
+HELDOUT_MA_ROWS = 64
+
+
+@dataclass
+class HeldOut:
+    """A fixed held-out window batch (one draw of times, from its own stream) of one student's
+    pairing, scoring ``heldout_tm`` (every logged step) and the MA surrogate's value (at the end)."""
+
+    batch: WindowBatch
+    teacher: VelocityTeacher
+    ma: MAConfig
+    distance: object
+
+    def tm(self, model: torch.nn.Module) -> dict[str, float]:
+        """``{"heldout_tm": L_TM}`` on the whole held-out batch (no gradients)."""
+        return {"heldout_tm": float(trajectory_matching_loss(model, self.batch, distance=self.distance))}
+
+    def ma_value(self, model: torch.nn.Module) -> float:
+        """The MA surrogate's value (per dimension) on the first ``HELDOUT_MA_ROWS`` held-out rows, with
+        the student's MA settings (the shared ones for a student without MA), every row, no probes
+        drawn for the discrete log-det: the same number for every student of one pairing."""
+        ma = replace(self.ma, batch_fraction=1.0)
+        with torch.enable_grad():
+            value = ma_surrogate(model, self.teacher, self.batch.head(HELDOUT_MA_ROWS), ma,
+                                 stream(0, "heldout-ma"))
+        return float(value.detach())
+
+
+def heldout(student: StudentSpec, cfg: StudentsStageConfig, images: ImagesConfig,
+            teacher_net: UNetVelocity, root: Path, progress: bool = True) -> HeldOut:
+    """The held-out scorer of ``student`` (its bank is generated once per pairing, from the held-out
+    split of ``images``)."""
+    data = load_split(images).heldout.to(images.device)
+    sampler = _bank_sampler(student, cfg, images, teacher_net, data, root, progress, heldout=True)
+    batch = sampler(None, stream(images.seed, "heldout-times"))
+    return HeldOut(batch, VelocityTeacher(teacher_net, t_max=cfg.t_max),
+                   student.ma_config(cfg.ma) or cfg.ma, student.record.distance)
 
 
 def train_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
@@ -207,11 +265,13 @@ def train_student(name: str, seed: int, images: ImagesConfig, cfg: StudentsStage
     run_dir = student_dir(root, name, seed)
     prepare_run_dir(run_dir, student_fingerprint(name, seed, images, cfg, root))
     objective, batch_fn = build_objective(student, cfg, images, teacher_net, data, root, progress)
+    scorer = heldout(student, cfg, images, teacher_net, root, progress)
     model = make_model(images)
     model.load_state_dict(teacher_net.state_dict())
     model.requires_grad_(True)
     return train(model, objective, batch_fn, cfg.train_config(), run_dir, progress,
-                 desc=f"{name} seed {seed}", meta=student_meta(name, seed, student), seed=seed)
+                 desc=f"{name} seed {seed}", meta=student_meta(name, seed, student), seed=seed,
+                 evaluate=scorer.tm)
 
 
 def student_fingerprint(name: str, seed: int, images: ImagesConfig, cfg: StudentsStageConfig,
@@ -257,6 +317,7 @@ def build_banks(images: ImagesConfig, cfg: StudentsStageConfig, root: Path,
         if key not in seconds:
             tic = time.perf_counter()
             build_objective(student, cfg, images, teacher_net, data, root, progress)
+            heldout(student, cfg, images, teacher_net, root, progress)
             seconds[key] = time.perf_counter() - tic
     return seconds
 
