@@ -133,8 +133,11 @@ for (name, seed), run in zip(cfg.runs(), histories, strict=True):
                   "train_tm_last_logged": last_train["tm"]}
 table = pd.DataFrame(final).T
 display(table)  # noqa: F821 (notebook builtin)
-plateau = table["heldout_tm_tail_change"].abs().max()
-print(f"largest |relative change| of the held-out L_TM over the last third of training: {plateau:.3f} "
-      f"({table['heldout_tm_tail_change'].abs().idxmax()})")
+change = table["heldout_tm_tail_change"].astype(float).abs()
+if change.notna().any():
+    print(f"largest |relative change| of the held-out L_TM over the last third of training: "
+          f"{change.max():.3f} ({change.idxmax()})")
+else:
+    print("too few logged steps to measure a plateau (fewer than 4 in the last third)")
 save_json({"runs": final, "steps": cfg.steps, "batch_size": cfg.batch_size,
-           "heldout_entries": cfg.heldout_entries, "heldout_ma_rows": HELDOUT_MA_ROWS}, out / "metrics.json")
+           "heldout_entries": cfg.heldout_entries, "heldout_ma_rows": min(HELDOUT_MA_ROWS, cfg.heldout_entries)}, out / "metrics.json")

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from marflow_core.atomic import current_umask
+
 from .config import ConfigError, load_params
 from .registry import ModuleStage, StageSpec, section, stage, stages, tier_of, validate_all
 
@@ -119,7 +121,7 @@ def run_stage(name: str, params_path: Path | None = None, root: Path = REPO_ROOT
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run of this stage
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp_dir, 0o777 & ~_umask())  # mkdtemp's 0700 would become the results folder's mode
+    os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp's 0700 would become the results folder's mode
     try:
         reason = spec.skip_reason(all_params)
         if reason is not None:
@@ -144,12 +146,6 @@ def run_stage(name: str, params_path: Path | None = None, root: Path = REPO_ROOT
     tmp_dir.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv: list[str] | None = None) -> int:

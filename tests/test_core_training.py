@@ -196,3 +196,27 @@ def test_logged_steps_split_the_gradient_into_the_tm_and_ma_terms():
     assert record["grad_norm_tm"] == pytest.approx(float((2 * (w @ x[0]) * x[0]).norm()), rel=1e-12)
     assert record["grad_norm_ma"] == pytest.approx(float((0.2 * w).norm()), rel=1e-12)
     assert math.isfinite(record["grad_norm_tm"])
+
+
+def test_evaluate_callback_logs_held_out_values_and_leaves_training_unchanged(setup):
+    """``evaluate`` runs after the update of each logged step, in eval mode, without gradients; the
+    weights end bit-identical to a run without it."""
+    objective, batch_fn = setup
+    cfg = _config(checkpoint_every=30)
+    probe = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def evaluate(model):
+        seen.append((model.training, torch.is_grad_enabled()))
+        return {"heldout": model(probe, torch.full((64,), 0.5)).pow(2).mean()}
+
+    plain, scored = _model(), _model()
+    _train(plain, objective, batch_fn, cfg, None, progress=False)
+    result = _train(scored, objective, batch_fn, cfg, None, progress=False, evaluate=evaluate)
+    for a, b in zip(plain.state_dict().values(), scored.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in result.history if "heldout" in r] == [5, 10, 15, 20, 25, 30]
+    assert seen == [(False, False)] * 6
+    with torch.no_grad():  # the last logged value is the final model's
+        expected = float(scored(probe, torch.full((64,), 0.5)).pow(2).mean())
+    assert result.history[-1]["heldout"] == pytest.approx(expected, rel=1e-6)

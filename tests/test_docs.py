@@ -59,3 +59,23 @@ def test_tests_named_in_the_docs_exist(doc):
     named = set(re.findall(r"`(test_\w+)`", doc.read_text()))
     missing = sorted(n for n in named - defined if not (ROOT / "tests" / f"{n}.py").exists())
     assert not missing, f"{doc.name} names tests that do not exist: {missing}"
+
+
+def test_generated_readme_blocks_equal_the_files_they_copy():
+    """Every sentence of the README's generated blocks (the image-tier results) comes from the file
+    the table stage wrote: ``python -m replication.readme_block`` syncs them."""
+    from replication.readme_block import blocks
+
+    readme = (ROOT / "README.md").read_text()
+    found = blocks(readme)
+    assert found, "the README has no generated block (the image tier's results)"
+    for path, body in found:
+        assert body == (ROOT / path).read_text(), f"README block of {path} is stale: python -m replication.readme_block"
+
+
+def test_readme_block_sync_replaces_only_the_block(tmp_path):
+    from replication.readme_block import synced
+
+    (tmp_path / "s.md").write_text("new line\n")
+    text = "intro\n<!-- generated: s.md -->\nold\n<!-- end generated -->\noutro\n"
+    assert synced(text, tmp_path) == "intro\n<!-- generated: s.md -->\nnew line\n<!-- end generated -->\noutro\n"

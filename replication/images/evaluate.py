@@ -66,19 +66,20 @@ def loss_frame(histories: dict[str, list[dict[str, float]]], parts: Sequence[str
 def convergence(history: list[dict[str, float]], key: str = "heldout_tm", tail: float = 1 / 3) -> dict:
     """Has ``key`` plateaued? Its last logged value, its minimum, and its relative change over the last
     ``tail`` of training: ``(mean over the last half of the tail - mean over the first half) / first``
-    (0 for a plateau; negative: still falling). Needs >= 4 logged values of ``key`` in the tail."""
+    (0 for a plateau; negative: still falling); NaN (not measurable) with fewer than 4 logged values
+    of ``key`` in the tail (a tiny profile)."""
     values = [(r["step"], r[key]) for r in history if key in r]
     if not values:
         raise ValueError(f"no {key!r} in the history: was the run trained with a held-out scorer?")
     last_step = values[-1][0]
     in_tail = [v for step, v in values if step > last_step * (1 - tail)]
-    if len(in_tail) < 4:
-        raise ValueError(f"only {len(in_tail)} logged {key!r} values in the last {tail:.0%} of training; "
-                         f"need >= 4 (log more often)")
-    half = len(in_tail) // 2
-    first, second = sum(in_tail[:half]) / half, sum(in_tail[half:]) / (len(in_tail) - half)
+    change = float("nan")
+    if len(in_tail) >= 4:
+        half = len(in_tail) // 2
+        first, second = sum(in_tail[:half]) / half, sum(in_tail[half:]) / (len(in_tail) - half)
+        change = (second - first) / first
     return {f"{key}_final": values[-1][1], f"{key}_min": min(v for _, v in values),
-            f"{key}_tail_change": (second - first) / first}
+            f"{key}_tail_change": change}
 
 
 def image_grid(rows: dict[str, torch.Tensor], ncols: int = 8, cell: float = 0.55):

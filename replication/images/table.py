@@ -100,12 +100,15 @@ def corrected(deltas: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> 
     paired t-test ``p_value``, its Holm-adjusted ``p_holm`` over the whole family, the
     ``mde`` (the smallest true delta detected with ``power`` at the family's first-test level
     ``alpha / m``) and ``verdict_holm``: ``MA better`` / ``MA worse`` where ``p_holm <= alpha``,
-    else ``not detected (MDE ...)``. Rows with fewer than two seeds are left untested."""
+    else ``not detected (MDE ...)``. Rows with fewer than two seeds, or whose differences have no
+    spread (a t-test is undefined there: identical differences of a quantized metric, say), are left
+    untested."""
     from ..common.testing import holm, minimum_detectable_effect, paired_test
 
     out = deltas.copy()
-    tested = [i for i, d in enumerate(out.differences) if len(d) >= 2]
-    tests = {i: paired_test(out.differences.iloc[i]) for i in tested}
+    candidates = {i: paired_test(d) for i, d in enumerate(out.differences) if len(d) >= 2}
+    tests = {i: t for i, t in candidates.items() if t.sd > 0}
+    tested = sorted(tests)
     adjusted = dict(zip(tested, holm([tests[i].p_value for i in tested]), strict=True))
     m = max(len(tested), 1)
     out["p_value"] = [tests[i].p_value if i in tests else None for i in range(len(out))]
@@ -114,7 +117,9 @@ def corrected(deltas: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> 
                   for i in range(len(out))]
     verdicts = []
     for i, row in enumerate(out.itertuples()):
-        if i not in tests:
+        if i in candidates and i not in tests:
+            verdicts.append("no spread: untested")
+        elif i not in tests:
             verdicts.append("one seed: untested")
         elif adjusted[i] <= alpha:
             better = (tests[i].mean < 0) == lower_is_better(row.metric)
