@@ -89,9 +89,12 @@ class SD15TrainConfig(TrainConfig):
     ``output_dir`` receives ``checkpoints/``, ``pipeline/``, ``delta_weights.safetensors``.
     ``student``: ``method: perflow`` with ``windows`` K and ``ma`` on or off (its ``ma_weight`` /
     ``ma_substeps`` override ``ma``), and one seed (data order and every per-sample draw).
-    Optimizer (``TrainConfig``): AdamW with linear warm-up then a constant rate by default
-    (PeRFlow's public recipe: lr 8e-5, warm-up 500, weight decay 1e-2); ``grad_clip`` <= 0 only
-    measures the gradient norm. ``batch_size`` is per process and per accumulation micro-step: the
+    Optimizer (``TrainConfig``): AdamW at a constant rate by default (lr 8e-5, weight decay 1e-2,
+    ``warmup`` 0: PeRFlow's public training script passes ``--lr_scheduler constant``, under which
+    diffusers ignores its ``--lr_warmup_steps 500``); ``grad_clip`` <= 0 only measures the gradient
+    norm. ``max_overflow_skips`` (``mixed_precision: fp16`` only): a non-finite gradient norm is an
+    overflow that accelerate's GradScaler skips (lowering its scale); this many consecutive skips
+    stop the run (a non-finite loss stops it at once). ``batch_size`` is per process and per accumulation micro-step: the
     global batch is ``batch_size * processes * grad_accum``. ``ma`` is the core's ``MAConfig``
     (absent: ``sd15_ma_recipe``; keys missing from a given section take ``MAConfig``'s defaults);
     SD runs Hutchinson divergences only (``hutchinson_fd``, or ``hutchinson``, for which the student's
@@ -109,7 +112,7 @@ class SD15TrainConfig(TrainConfig):
     steps: int = 4000
     batch_size: int = 32
     lr: float = 8e-5
-    warmup: int = 500
+    warmup: int = 0
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     checkpoint_every: int = 1000
@@ -119,6 +122,7 @@ class SD15TrainConfig(TrainConfig):
     random_flip: bool = False
     grad_accum: int = 1
     mixed_precision: str = "fp16"
+    max_overflow_skips: int = 20
     gradient_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.9999
@@ -138,6 +142,7 @@ class SD15TrainConfig(TrainConfig):
             ("grad_accum", self.grad_accum, self.grad_accum >= 1, "must be >= 1"),
             ("mixed_precision", self.mixed_precision, self.mixed_precision in PRECISIONS, f"one of {PRECISIONS}"),
             ("ema_decay", self.ema_decay, 0 < self.ema_decay < 1, "must be in (0, 1)"),
+            ("max_overflow_skips", self.max_overflow_skips, self.max_overflow_skips >= 1, "must be >= 1"),
             ("checkpoints_total_limit", self.checkpoints_total_limit,
              self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "null or >= 1"),
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0, "must be >= 0"),
@@ -197,6 +202,8 @@ class SD15TrainConfig(TrainConfig):
             unused["ma_fd_fp32"] = "mixed_precision = 'no' runs every pass in float32"
         if not self.ema:
             unused["ema_decay"] = "ema = false"
+        if self.mixed_precision != "fp16":
+            unused["max_overflow_skips"] = "only mixed_precision = 'fp16' has a GradScaler that skips steps"
         return unused
 
 
