@@ -9,7 +9,10 @@ loaded or anything is written: a bad key, a missing weights file or caption fold
 stderr and exit status 2. Outputs under ``output_dir``: ``checkpoints/checkpoint-<step>/``
 (accelerate ``save_state``: student, optimizer, EMA, RNG, step; the newest is resumed automatically),
 ``pipeline/`` (a diffusers pipeline folder with the student UNet, EMA weights if ``ema``, and the
-PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` and ``config.yaml``.
+PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` (per logged step: the loss
+terms, the gradient norm, null on an fp16 overflow skip, ``overflow_skips`` so far, ``sec_per_step``
+averaged over the steps since the previous row, logging and checkpoints excluded, and
+``peak_memory_mb``) and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,7 @@ from .inputs import check_pipeline_dir, checked_inputs, read_caption_folder
 
 #: config keys that may change when a run resumes (they do not change what is computed)
 RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
-                  "dataloader_workers", "loss_limit")
+                  "dataloader_workers", "loss_limit", "max_overflow_skips")
 CKPT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -112,11 +119,66 @@ def perflow_scheduler(cfg: SD15TrainConfig, scheduler_config: dict):
     return perflow_scheduler_from(scheduler_config, cfg.perflow.target, cfg.student.windows)
 
 
-def ma_context(accelerator, cfg: SD15TrainConfig):
-    """Autocast off for the finite-difference MA passes when ``ma_fd_fp32`` under mixed precision."""
+@contextmanager
+def float32_passes(accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """Passes of the prepared ``model`` in float32: autocast off, TF32 off for matmuls and
+    convolutions, and the model's own forward in place of accelerate's, which opens its own
+    autocast inside (an outer ``autocast(enabled=False)`` does not reach it). All restored after."""
+    inner = accelerator.unwrap_model(model)
+    original = inner.__dict__.get("_original_forward")  # set by accelerate's prepare under native amp
+    wrapped = inner.__dict__.get("forward")
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        if original is not None:
+            inner.forward = original
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=accelerator.device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        if original is not None:
+            if wrapped is None:
+                del inner.forward
+            else:
+                inner.forward = wrapped
+
+
+def ma_context(accelerator, cfg: SD15TrainConfig, model: torch.nn.Module):
+    """``float32_passes`` of ``model`` for the finite-difference MA passes when ``ma_fd_fp32`` under
+    mixed precision, else None."""
     if cfg.ma_fd_fp32_active() and accelerator.mixed_precision != "no":
-        return torch.autocast(device_type=accelerator.device.type, enabled=False)
+        return float32_passes(accelerator, model)
     return None
+
+
+class OverflowSkips:
+    """Consecutive optimizer steps skipped for a non-finite gradient norm.
+
+    Under fp16, accelerate's GradScaler skips the step of an overflowed gradient and lowers its
+    scale; ``limit`` consecutive skips stop the run. A non-finite norm whose step was not skipped
+    (no GradScaler: ``no`` / ``bf16``) stops it at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.consecutive, self.total = limit, 0, 0
+
+    def update(self, step: int, grad_norm: float, skipped: bool) -> None:
+        if math.isfinite(grad_norm):
+            self.consecutive = 0
+            return
+        if not skipped:
+            raise NonFiniteLossError(f"step {step}: non-finite gradient norm {grad_norm}")
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.limit:
+            raise NonFiniteLossError(f"step {step}: {self.consecutive} consecutive fp16 overflow skips "
+                                     f"(non-finite gradient norm; max_overflow_skips = {self.limit})")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 def run_stage(configs: dict[str, SD15TrainConfig], progress: bool) -> dict[str, Any]:
@@ -171,6 +233,8 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
     resume = latest_checkpoint(out)
     if resume is not None:
         accelerator.load_state(str(resume))
+        if ema is not None:  # accelerate loads registered objects onto the CPU, and EMAModel keeps them there
+            ema.to(device=accelerator.device)
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
     dataset = CaptionFolder(cfg.data_dir, comps.tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip)
@@ -189,14 +253,16 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
     down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     latent_shape = (latent_channels, cfg.resolution // down, cfg.resolution // down)
     scaling = comps.vae.config.scaling_factor
-    fp32_ctx = ma_context(accelerator, cfg)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    skips = OverflowSkips(cfg.max_overflow_skips if accelerator.mixed_precision == "fp16" else 1)
 
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
                desc="sd15 train")
     log_path = out / "train_log.jsonl"
     batches = iter(loader)
+    step_seconds, timed_steps = 0.0, 0
     while state.step < cfg.steps:
+        tic = time.perf_counter()
         step = state.step
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
@@ -215,7 +281,8 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
                     text = comps.text_encoder(batch["input_ids"].to(accelerator.device))[0]
                 cond = conditioning(text, null_text.expand_as(text), noise.keep_text, cfg.perflow)
                 with accelerator.autocast():
-                    loss, parts = objective(student, latents, noise, cond, run_ma, fp32_ctx)
+                    loss, parts = objective(student, latents, noise, cond, run_ma,
+                                            ma_context(accelerator, cfg, student))
                 if not all(math.isfinite(v) for v in parts.values()):
                     raise NonFiniteLossError(f"step {step}: non-finite loss terms {parts}")
                 exploded = {k: v for k, v in parts.items() if abs(v) > cfg.loss_limit}
@@ -226,21 +293,28 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
                 if accelerator.sync_gradients:
                     if cfg.debug_dump and step == 0:
                         _dump_step(accelerator, student, loss, parts, Path(cfg.debug_dump))
-                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
-                    if not math.isfinite(float(grad_norm)):
-                        raise NonFiniteLossError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
-                optimizer.step()
+                    grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
+                    if not math.isfinite(grad_norm) and accelerator.scaler is None:  # no GradScaler to skip it
+                        raise NonFiniteLossError(f"step {step}: non-finite gradient norm {grad_norm}")
+                optimizer.step()  # under fp16 the GradScaler skips an overflowed step and lowers its scale
+                if accelerator.sync_gradients:
+                    skips.update(step, grad_norm, accelerator.optimizer_step_was_skipped)
                 optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(accelerator.unwrap_model(student).parameters())
         state.step += 1
+        step_seconds, timed_steps = step_seconds + time.perf_counter() - tic, timed_steps + 1
         mean_parts = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                       for k, v in parts.items()}
         bar.update(1)
         bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean_parts.items()})
         if accelerator.is_main_process and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+            row = {"step": state.step, **mean_parts, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                   "overflow_skips": skips.total, "sec_per_step": step_seconds / timed_steps,
+                   "peak_memory_mb": peak_memory_mb(accelerator.device)}
             with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": state.step, **mean_parts, "grad_norm": float(grad_norm)}) + "\n")
+                fh.write(json.dumps(row) + "\n")
+            step_seconds, timed_steps = 0.0, 0
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
     bar.close()
