@@ -114,7 +114,8 @@ class StudentVelocity:
     ``v = (end - x) / (t_e - t)``, the velocity of PeRFlow's scheduler step; velocity head:
     ``v = -unet(x, tau)`` (PeRFlow's velocity is per unit of ``tau / T``). Takes ``x: (R * B, ...)``
     (finite-difference shifts of a batch of ``B``): the per-sample window and text repeat. The UNet
-    gets ``x`` in ``input_dtype`` (default: ``x``'s own); the velocity comes back in ``x``'s dtype.
+    gets ``x`` in ``input_dtype`` (default: ``x``'s own) and ``tau`` in at least float32
+    (``vp.timestep_dtype``); the velocity comes back in ``x``'s dtype.
     """
 
     def __init__(self, unet, text: torch.Tensor, k: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -128,7 +129,8 @@ class StudentVelocity:
         k = self.k.repeat(reps)
         tau = vp.tau_from_t(t.to(torch.float64), self.T)
         x_in = x if self.input_dtype is None else x.to(self.input_dtype)
-        out = self.unet(x_in, tau.to(x_in.dtype), self.text.repeat(reps, 1, 1).to(x_in.dtype)).sample
+        out = self.unet(x_in, tau.to(vp.timestep_dtype(x_in.dtype)),
+                        self.text.repeat(reps, 1, 1).to(x_in.dtype)).sample
         if self.target == "velocity":
             return -out.to(x.dtype)
         tau_s, tau_e = vp.window_bounds_tau(k, self.windows, self.T)
@@ -174,7 +176,7 @@ class PeRFlowSD15Objective:
     def teacher_eps(self, cond: TextConditioning) -> EpsFn:
         """``(x, table index) -> eps`` of the frozen teacher with this batch's text and guidance."""
         fn = guided_eps(self.teacher, cond.teacher, cond.teacher_uncond, cond.teacher_guidance)
-        return lambda x, index: fn(x.to(cond.teacher.dtype), index.to(cond.teacher.dtype)).to(x.dtype)
+        return lambda x, index: fn(x.to(cond.teacher.dtype), index.to(vp.timestep_dtype(cond.teacher.dtype))).to(x.dtype)
 
     def window_sample(self, latents: torch.Tensor, noise: SampleNoise, cond: TextConditioning):
         """``(tau, k, x_s, y_T)``: SD time on the grid (``(0, T]``), window, start, teacher end point."""
@@ -193,7 +195,7 @@ class PeRFlowSD15Objective:
         tau_s, tau_e = vp.window_bounds_tau(k, self.windows, self.T)
         x_t = x_s + _rows((tau - tau_s) / (tau_e - tau_s), x_s) * (y_t - x_s)
         target = vp.student_target(x_s, y_t, k, self.alphas, self.windows, self.perflow.target)
-        pred = unet(x_t, tau.to(x_t.dtype), cond.student).sample
+        pred = unet(x_t, tau.to(vp.timestep_dtype(x_t.dtype)), cond.student).sample
         tm = (pred.float() - target.float()).pow(2).mean()
         parts = {"tm": float(tm.detach())}
         total = tm

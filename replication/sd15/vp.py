@@ -248,6 +248,12 @@ class EpsWindowConfig:
 
 
 # ---------------------------------------------------------------------------------- teacher, target
+def timestep_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the timesteps handed to a UNet: at least float32, whatever the activations'
+    (bf16 holds only multiples of 4 between 512 and 1024; the UNet's time embedding takes float32)."""
+    return torch.promote_types(activation_dtype, torch.float32)
+
+
 @torch.no_grad()
 def teacher_window_solve(
     eps_model: EpsModel,
@@ -262,7 +268,7 @@ def teacher_window_solve(
     """``y_e``: ``M = steps`` DDIM steps of the teacher from ``x_s: (B, ...)`` at the start of windows
     ``k: (B,)`` to their ends, on the uniform SD-time grid ``tau_j = tau_s + j (tau_e - tau_s) / M``
     (rounded to integers when ``discrete``). ``eps_model(x, index, **cond)`` gets the table index
-    ``tau_j - 1`` in ``x``'s dtype."""
+    ``tau_j - 1`` in ``timestep_dtype(x.dtype)`` (at least float32)."""
     T = len(alphas_cumprod)
     tau_s, tau_e = window_bounds_tau(k.to(x_s.device), num_windows, T)
     j = torch.arange(steps + 1, dtype=torch.float64, device=x_s.device)[:, None]
@@ -271,7 +277,7 @@ def teacher_window_solve(
         grid = grid.round()
     x = x_s
     for i in range(steps):
-        eps = eps_model(x, table_index(grid[i]).to(x.dtype), **cond)
+        eps = eps_model(x, table_index(grid[i]).to(timestep_dtype(x.dtype)), **cond)
         x = ddim_step(x, eps, abar_at(alphas_cumprod, grid[i]), abar_at(alphas_cumprod, grid[i + 1]))
     return x
 
