@@ -18,7 +18,7 @@ import torch
 
 from marflow_core.atomic import atomic_open
 
-from .inputs import check_pipeline_dir
+from .inputs import check_pipeline_dir, pipeline_variant
 from .tiny import CLIP_VOCAB_SIZE
 
 DELTA_WEIGHTS = "delta_weights.safetensors"
@@ -37,13 +37,15 @@ class SDComponents:
 
 def load_components(model_dir: str | Path, device: torch.device, weight_dtype: torch.dtype) -> SDComponents:
     """The components of ``model_dir`` (checked first); frozen parts in ``weight_dtype`` on ``device``,
-    the student in float32 (mixed precision autocasts it)."""
+    the student in float32 (mixed precision autocasts it); fp16-variant files load with
+    ``variant="fp16"``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_pipeline_dir(model_dir)
     kw = {"local_files_only": True}
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    kw["variant"] = pipeline_variant(path)
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"{path / 'tokenizer'}: tokenizer has {len(tokenizer)} tokens, expected "
                            f"{CLIP_VOCAB_SIZE} (a broken CLIP tokenizer; is HF_HUB_OFFLINE=1 set?)")
@@ -51,10 +53,10 @@ def load_components(model_dir: str | Path, device: torch.device, weight_dtype: t
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     teacher = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     student = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-    sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     for module in (vae, text_encoder, teacher):
         module.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    student.train().to(device)
+    student.train().to(device, dtype=torch.float32)
     alphas = sched.alphas_cumprod.to(torch.float64)
     return SDComponents(vae, text_encoder, tokenizer, teacher, student, alphas, dict(sched.config))
 
@@ -64,10 +66,12 @@ def load_sd_pipeline(path: str | Path, dtype: torch.dtype | None = None):
 
     A folder saved with PeRFlow's scheduler gets it from ``replication.sd15.scheduler`` whatever
     module its ``model_index.json`` records (folders saved before the scheduler moved out of
-    ``marflow_core`` name ``marflow_core.scheduler``)."""
+    ``marflow_core`` name ``marflow_core.scheduler``). A folder with fp16-variant weight files is
+    loaded with ``variant="fp16"`` (``inputs.pipeline_variant``)."""
     from diffusers import StableDiffusionPipeline
 
-    kw = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True}
+    kw = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True,
+          "variant": pipeline_variant(path)}
     if dtype is not None:
         kw["dtype"] = dtype
     sched = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())

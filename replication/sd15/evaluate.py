@@ -8,6 +8,8 @@ against the centre-cropped val images and the CLIP score (cosine similarity). Wr
 ``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside
 ``replication/references/peers.yaml``); the generated images stay under ``output_dir/images/``.
 Inputs are checked first: a missing folder or file is one line on stderr, exit status 2, nothing written.
+The weights the scoring needs are among them (``check_metric_weights``: the FID extractor's and a
+local CLIP checkpoint), and the CLIP model is loaded before any image is generated.
 """
 
 from __future__ import annotations
@@ -26,15 +28,42 @@ from marflow_core.atomic import atomic_write_text
 
 from ..config import ConfigError
 from .config import ModelSpec, SD15EvalConfig
-from .inputs import check_coco_dir, check_pipeline_dir, checked_inputs
+from .inputs import check_coco_dir, check_pipeline_dir, check_weights_file, checked_inputs
 
 ClipFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
 
 
+#: torch-fidelity's extractors that download their weights when ``fid_extractor_weights`` is null
+FIDELITY_WEIGHTS = {"inception-v3-compat": "weights-inception-2015-12-05-6726825d.pth"}
+WEIGHTS_HINT = ("copy it from a machine with network (docs/gpu.md, Inputs) and name it in "
+                "replication/gpu/params.yaml")
+
+
+def check_metric_weights(cfg: SD15EvalConfig) -> None:
+    """The weight files of the FID extractor and a local CLIP checkpoint exist, or ``MissingInput``
+    naming the key: scoring runs after generation, so a file it lacks would fail hours late.
+    ``fid_extractor_weights: null`` with a torch-fidelity extractor needs its file in torch's hub
+    cache; an extractor registered without weights (tests) needs none."""
+    if cfg.fid_extractor_weights is not None:
+        check_weights_file(cfg.fid_extractor_weights, "fid_extractor_weights",
+                           f"the {cfg.fid_extractor} FID weights file", WEIGHTS_HINT)
+    elif cfg.fid_extractor in FIDELITY_WEIGHTS:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / FIDELITY_WEIGHTS[cfg.fid_extractor]
+        if not cached.is_file():
+            check_weights_file(None, "fid_extractor_weights",
+                               f"the {cfg.fid_extractor} FID weights (not in torch-fidelity's cache {cached})",
+                               WEIGHTS_HINT)
+    if cfg.clip_checkpoint is not None:
+        check_weights_file(cfg.clip_checkpoint, "clip_checkpoint", f"the {cfg.clip_model} CLIP checkpoint",
+                           WEIGHTS_HINT)
+
+
 def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
-    """COCO folder and every model folder exist with the expected layout; returns the COCO paths."""
+    """COCO folder, every model folder and the metrics' weight files exist with the expected layout;
+    returns the COCO paths."""
     from .coco import check_reference_images, coco_prompts
 
+    check_metric_weights(cfg)
     for name, spec in cfg.models.items():
         path = check_pipeline_dir(spec.path, f"models.{name}.path", require_epsilon=False)
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -132,11 +161,11 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # fp16 convolutions are not implemented on CPU
+    if clip_scorer is None:  # loaded first: a CLIP model missing from open_clip's cache fails here
+        clip_scorer = ClipScorer(cfg.clip_model, cfg.clip_checkpoint or cfg.clip_pretrained, device)
     prompts = coco_prompts(ann, cfg.n_prompts)
     out = Path(cfg.output_dir)
     reference = write_references(image_dir, prompts, cfg.resolution, out / f"reference_{cfg.resolution}")
-    if clip_scorer is None:
-        clip_scorer = ClipScorer(cfg.clip_model, cfg.clip_checkpoint or cfg.clip_pretrained, device)
     rows = []
     for name, spec in cfg.models.items():
         pipe = load_pipeline(spec, device, dtype)

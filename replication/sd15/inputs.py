@@ -42,8 +42,9 @@ def checked_inputs(section: str, check, cfg):
         raise type(err)(f"{section}: {err}") from None
 
 
-def _missing(key: str, path: Path, what: str, hint: str) -> MissingInput:
-    return MissingInput(f"{key} = {str(path)!r}: missing {what}; {hint}")
+def _missing(key: str, path: Path | None, what: str, hint: str) -> MissingInput:
+    value = repr(str(path)) if path is not None else "null"
+    return MissingInput(f"{key} = {value}: missing {what}; {hint}")
 
 
 def _file_and_folder(path: Path, key: str, file: str, folder: str, hint: str) -> tuple[Path, Path]:
@@ -78,6 +79,25 @@ def check_pipeline_dir(path: str | Path, key: str = "model_dir", require_epsilon
             raise ConfigError(f"{sched_file}: prediction_type = {pred!r}: unsupported; the teacher must be an "
                               f"eps-prediction model (SD 1.5: 'epsilon')")
     return path
+
+
+def pipeline_variant(path: str | Path) -> str | None:
+    """``"fp16"`` when some component of the pipeline folder ``path`` holds its weights only as the
+    fp16 variant (``*.fp16.safetensors``, which diffusers loads only with ``variant="fp16"``; the
+    components with plain files then load those), else None."""
+    path = Path(path)
+    for alternatives, _ in _PIPELINE_FILES:
+        variant = [alt for alt in alternatives if ".fp16." in alt]
+        plain = [alt for alt in alternatives if alt not in variant]
+        if any((path / alt).is_file() for alt in variant) and not any((path / alt).is_file() for alt in plain):
+            return "fp16"
+    return None
+
+
+def check_weights_file(path: str | Path | None, key: str, what: str, hint: str) -> None:
+    """``path`` (a params value, None: not set) is an existing file, or ``MissingInput`` naming ``key``."""
+    if path is None or not Path(path).is_file():
+        raise _missing(key, Path(path) if path is not None else None, what, hint)
 
 
 #: caption folder layout (docs/gpu.md): ``images/`` plus ``captions.jsonl`` with one
