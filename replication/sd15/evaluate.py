@@ -63,7 +63,6 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
     returns the COCO paths."""
     from .coco import check_reference_images, coco_prompts
 
-    check_metric_weights(cfg)
     for name, spec in cfg.models.items():
         path = check_pipeline_dir(spec.path, f"models.{name}.path", require_epsilon=False)
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -78,6 +77,7 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
             raise ConfigError(f"models.{name}.delta_weights = {spec.delta_weights!r}: no such file")
     ann, images = check_coco_dir(cfg.coco_dir)
     check_reference_images(images, coco_prompts(ann, cfg.n_prompts))
+    check_metric_weights(cfg)
     return ann, images
 
 
