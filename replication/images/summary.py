@@ -89,7 +89,7 @@ def verdict_sentences(family: pd.DataFrame, comparison: str, nfes: Sequence[int]
             elif isinstance(r.mde, float) and not math.isnan(r.mde):
                 groups["not detected"].append(f"{r.metric} ({r.delta:+.3g}, MDE {r.mde:.3g})")
             else:
-                groups["not detected"].append(f"{r.metric} (untested: {r.verdict_holm})")
+                groups["not detected"].append(f"{r.metric} ({r.verdict_holm})")
         parts = [f"{key}: {', '.join(items)}" for key, items in groups.items() if items]
         if groups["MA better"] and not groups["MA worse"]:
             head = "MA helps"

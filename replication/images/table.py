@@ -32,6 +32,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("class_mass_error", "class-mass TV", True),
     ("class_coverage", "least-covered class's mass / its share", False),
     ("kl", "KL(student || teacher), nats", True),
+    ("kl_fold_fraction", "KL samples with a fold (det(I + hJ) <= 0: their log q is a lower bound)", True),
 )
 
 #: the metrics with the power to decide at the default sizes (the pre-declared family of paired tests,
