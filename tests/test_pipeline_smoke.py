@@ -182,9 +182,12 @@ def _check_image_claims(repo: Path, params: dict) -> None:
     real = next(r for r in rows if r["method"] == "train real")
     noise = next(r for r in rows if r["method"] == "noise")
     assert noise["domain_fd"] > real["domain_fd"] and noise["fid"] > real["fid"]
-    for r in (r for r in rows if r["method"] != "teacher (CNF)"):  # the KL sanity row has only a KL
+    kl_only = ("teacher (CNF)", "teacher (Euler)")  # the KL sanity and floor rows have only a KL
+    for r in (r for r in rows if r["method"] not in kl_only):
         assert 0.0 <= r["class_mass_error"] <= 1.0, r
-        for key in ("precision", "recall"):
+        assert r["class_coverage"] >= 0.0, r
+        for key in ("precision", "recall", "domain_precision", "domain_recall", "domain_precision_teacher",
+                    "domain_recall_teacher"):
             assert r.get(key) is None or 0.0 <= r[key] <= 1.0
         has_inception = r["seed"] < 0 or r["nfe"] in cfg["inception_nfe"]
         assert (r.get("fid") is not None) == has_inception, r
@@ -196,10 +199,14 @@ def _check_image_claims(repo: Path, params: dict) -> None:
                 assert math.isfinite(r["kl"]) and r["kl_stderr"] > 0, r
     sanity = next(r for r in rows if r["method"] == "teacher (CNF)")
     assert math.isfinite(sanity["kl"]) and sanity["kl_stderr"] > 0
+    assert math.isfinite(sanity["kl_refined"]) and sanity["kl_refined_stderr"] > 0  # the second accuracy
+    assert {r["nfe"] for r in rows if r["method"] == "teacher (Euler)"} == set(kl["nfe"])
     assert table["counts"] == {"inception_samples": cfg["inception_samples"],
                                "domain_samples": cfg["domain_samples"],
                                "reference_images": params["images_reference"]["reference_samples"],
-                               "kl_samples": kl["n_samples"]}
+                               "kl_samples": kl["n_samples"],
+                               "teacher_reference_samples": cfg["teacher_reference_samples"]}
+    assert "KL estimator check" in (repo / "results/images/table/summary.md").read_text()
     common = set(students["perflow"]["seeds"]) & set(students["perflow_ma"]["seeds"])
     for d in table["perflow_ma_minus_perflow"]:
         assert d["seeds"] == len(common) and d["nfe"] in cfg["nfe"]

@@ -89,16 +89,28 @@ def test_a_failing_command_keeps_the_results(repo):
 
 
 def test_ctrl_c_keeps_the_results(repo):
+    """Ctrl-C in the middle of training: the stage fails, the committed results stay. The tiny
+    profile trains in about a second, so the run is lengthened (100x the steps) for the interrupt
+    to land inside training every time, not after the stage has finished (the last case of the
+    module: the profile is restored, the interrupted run folders stay behind)."""
     repo, committed = repo
-    proc = subprocess.Popen(["dvc", "repro", "-s", "toy2d_train"], cwd=repo, env=_env(repo),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not list((repo / "checkpoints").glob("toy2d/*/fingerprint.json")):
-        assert proc.poll() is None, "dvc repro ended before training started"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=120) != 0
+    profile = repo / "replication" / "profiles" / "tiny.yaml"
+    original = profile.read_text()
+    assert "toy2d_train:\n  steps: 40\n" in original
+    profile.write_text(original.replace("toy2d_train:\n  steps: 40\n", "toy2d_train:\n  steps: 4000\n", 1))
+    try:
+        proc = subprocess.Popen(["dvc", "repro", "-s", "toy2d_train"], cwd=repo, env=_env(repo),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not list((repo / "checkpoints").glob("toy2d/*/fingerprint.json")):
+            assert proc.poll() is None, "dvc repro ended before training started"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the first student's 4000 steps
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        profile.write_text(original)
     time.sleep(2)
     assert _snapshot(repo) == committed
     _still_reported(repo, "toy2d_train")
