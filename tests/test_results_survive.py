@@ -99,8 +99,11 @@ def test_ctrl_c_keeps_the_results(repo):
     assert "toy2d_train:\n  steps: 40\n" in original
     profile.write_text(original.replace("toy2d_train:\n  steps: 40\n", "toy2d_train:\n  steps: 4000\n", 1))
     try:
+        # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a
+        # script) inherits SIGINT ignored, and an ignored signal stays ignored across exec
         proc = subprocess.Popen(["dvc", "repro", "-s", "toy2d_train"], cwd=repo, env=_env(repo),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not list((repo / "checkpoints").glob("toy2d/*/fingerprint.json")):
             assert proc.poll() is None, "dvc repro ended before training started"
