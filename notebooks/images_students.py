@@ -125,9 +125,10 @@ plt.show()
 
 # %%
 final = {}
+teacher_net = load_teacher(images, root)[0]
 for (name, seed), run in zip(cfg.runs(), histories, strict=True):
     model = load_student(name, seed, images, cfg, root)[0]
-    scorer = heldout(cfg.students[name], cfg, images, load_teacher(images, root)[0], root, progress=False)
+    scorer = heldout(cfg.students[name], cfg, images, teacher_net, root, progress=False)
     last_train = [r for r in histories[run] if "tm" in r][-1]
     final[run] = {**convergence(histories[run]), "heldout_ma": scorer.ma_value(model),
                   "train_tm_last_logged": last_train["tm"]}
