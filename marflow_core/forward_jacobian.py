@@ -172,8 +172,8 @@ def _rule(*names: str):
 # --- elementwise -------------------------------------------------------------------------------------------
 
 
-def _unary(mode: _Tangents, out: torch.Tensor, x: torch.Tensor, slope: torch.Tensor) -> None:
-    mode.set(out, _lift(mode.get(x), out.ndim) * slope)
+def _unary(tm: _Tangents, out: torch.Tensor, x: torch.Tensor, slope: torch.Tensor) -> None:
+    tm.set(out, _lift(tm.get(x), out.ndim) * slope)
 
 
 def _refuse_inplace(kwargs: dict, name: str) -> None:
@@ -182,42 +182,42 @@ def _refuse_inplace(kwargs: dict, name: str) -> None:
 
 
 @_rule("silu")
-def _silu(mode, out, x, inplace=False):
+def _silu(tm, out, x, inplace=False):
     _refuse_inplace({"inplace": inplace}, "silu")
     s = torch.sigmoid(x)
-    _unary(mode, out, x, s * (1 + x * (1 - s)))
+    _unary(tm, out, x, s * (1 + x * (1 - s)))
 
 
 @_rule("sigmoid")
-def _sigmoid(mode, out, x):
-    _unary(mode, out, x, out * (1 - out))
+def _sigmoid(tm, out, x):
+    _unary(tm, out, x, out * (1 - out))
 
 
 @_rule("tanh")
-def _tanh(mode, out, x):
-    _unary(mode, out, x, 1 - out * out)
+def _tanh(tm, out, x):
+    _unary(tm, out, x, 1 - out * out)
 
 
 @_rule("relu")
-def _relu(mode, out, x, inplace=False):
+def _relu(tm, out, x, inplace=False):
     _refuse_inplace({"inplace": inplace}, "relu")
-    _unary(mode, out, x, (x > 0).to(x.dtype))
+    _unary(tm, out, x, (x > 0).to(x.dtype))
 
 
 @_rule("leaky_relu")
-def _leaky_relu(mode, out, x, negative_slope=0.01, inplace=False):
+def _leaky_relu(tm, out, x, negative_slope=0.01, inplace=False):
     _refuse_inplace({"inplace": inplace}, "leaky_relu")
-    _unary(mode, out, x, torch.where(x > 0, 1.0, negative_slope).to(x.dtype))
+    _unary(tm, out, x, torch.where(x > 0, 1.0, negative_slope).to(x.dtype))
 
 
 @_rule("elu")
-def _elu(mode, out, x, alpha=1.0, inplace=False):
+def _elu(tm, out, x, alpha=1.0, inplace=False):
     _refuse_inplace({"inplace": inplace}, "elu")
-    _unary(mode, out, x, torch.where(x > 0, torch.ones_like(x), out + alpha))
+    _unary(tm, out, x, torch.where(x > 0, torch.ones_like(x), out + alpha))
 
 
 @_rule("gelu")
-def _gelu(mode, out, x, approximate="none"):
+def _gelu(tm, out, x, approximate="none"):
     if approximate == "tanh":
         c = math.sqrt(2 / math.pi)
         u = c * (x + 0.044715 * x**3)
@@ -225,69 +225,69 @@ def _gelu(mode, out, x, approximate="none"):
         slope = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * 0.044715 * x * x)
     else:
         slope = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    _unary(mode, out, x, slope)
+    _unary(tm, out, x, slope)
 
 
 @_rule("softplus")
-def _softplus(mode, out, x, beta=1.0, threshold=20.0):
-    _unary(mode, out, x, torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x)))
+def _softplus(tm, out, x, beta=1.0, threshold=20.0):
+    _unary(tm, out, x, torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x)))
 
 
 @_rule("exp")
-def _exp(mode, out, x):
-    _unary(mode, out, x, out)
+def _exp(tm, out, x):
+    _unary(tm, out, x, out)
 
 
 @_rule("log")
-def _log(mode, out, x):
-    _unary(mode, out, x, 1 / x)
+def _log(tm, out, x):
+    _unary(tm, out, x, 1 / x)
 
 
 @_rule("sin")
-def _sin(mode, out, x):
-    _unary(mode, out, x, torch.cos(x))
+def _sin(tm, out, x):
+    _unary(tm, out, x, torch.cos(x))
 
 
 @_rule("cos")
-def _cos(mode, out, x):
-    _unary(mode, out, x, -torch.sin(x))
+def _cos(tm, out, x):
+    _unary(tm, out, x, -torch.sin(x))
 
 
 @_rule("sqrt")
-def _sqrt(mode, out, x):
-    _unary(mode, out, x, 0.5 / out)
+def _sqrt(tm, out, x):
+    _unary(tm, out, x, 0.5 / out)
 
 
 @_rule("rsqrt")
-def _rsqrt(mode, out, x):
-    _unary(mode, out, x, -0.5 * out / x)
+def _rsqrt(tm, out, x):
+    _unary(tm, out, x, -0.5 * out / x)
 
 
 @_rule("reciprocal")
-def _reciprocal(mode, out, x):
-    _unary(mode, out, x, -out * out)
+def _reciprocal(tm, out, x):
+    _unary(tm, out, x, -out * out)
 
 
 @_rule("square")
-def _square(mode, out, x):
-    _unary(mode, out, x, 2 * x)
+def _square(tm, out, x):
+    _unary(tm, out, x, 2 * x)
 
 
 @_rule("neg", "__neg__", "negative")
-def _neg(mode, out, x):
-    mode.set(out, -mode.get(x))
+def _neg(tm, out, x):
+    tm.set(out, -tm.get(x))
 
 
 @_rule("pow", "__pow__")
-def _pow(mode, out, x, exponent):
-    if mode.carries(exponent) or not isinstance(x, torch.Tensor) or mode.get(x) is None:
+def _pow(tm, out, x, exponent):
+    if tm.carries(exponent) or not isinstance(x, torch.Tensor) or tm.get(x) is None:
         raise UnsupportedOp("pow with a tangent in the exponent")
-    _unary(mode, out, x, exponent * x ** (exponent - 1))
+    _unary(tm, out, x, exponent * x ** (exponent - 1))
 
 
-def _binary_parts(mode, out, a, b):
-    ta = mode.get(a)
-    tb = mode.get(b)
+def _binary_parts(tm, out, a, b):
+    ta = tm.get(a)
+    tb = tm.get(b)
     return (None if ta is None else _lift(ta, out.ndim)), (None if tb is None else _lift(tb, out.ndim))
 
 
@@ -300,32 +300,32 @@ def _sum_tangents(*parts):
 
 
 @_rule("mul", "__mul__", "__rmul__", "multiply")
-def _mul(mode, out, a, b):
-    ta, tb = _binary_parts(mode, out, a, b)
-    mode.set(out, _sum_tangents(None if ta is None else ta * b, None if tb is None else a * tb))
+def _mul(tm, out, a, b):
+    ta, tb = _binary_parts(tm, out, a, b)
+    tm.set(out, _sum_tangents(None if ta is None else ta * b, None if tb is None else a * tb))
 
 
 @_rule("div", "__truediv__", "true_divide", "divide")
-def _div(mode, out, a, b, rounding_mode=None):
+def _div(tm, out, a, b, rounding_mode=None):
     if rounding_mode is not None:
         raise UnsupportedOp("div with rounding")
-    ta, tb = _binary_parts(mode, out, a, b)
-    mode.set(out, _sum_tangents(None if ta is None else ta / b, None if tb is None else -out * tb / b))
+    ta, tb = _binary_parts(tm, out, a, b)
+    tm.set(out, _sum_tangents(None if ta is None else ta / b, None if tb is None else -out * tb / b))
 
 
 @_rule("__rtruediv__", "__rdiv__")
-def _rdiv(mode, out, a, b):  # b / a
-    if mode.carries(b):
+def _rdiv(tm, out, a, b):  # b / a
+    if tm.carries(b):
         raise UnsupportedOp("reflected division by a tangent-carrying tensor")
-    ta = _lift(mode.get(a), out.ndim)
-    mode.set(out, -out * ta / a)
+    ta = _lift(tm.get(a), out.ndim)
+    tm.set(out, -out * ta / a)
 
 
 # add / sub need the op's own sign: registered per name
 def _make_add(sign_a: float, sign_b: float):
-    def rule(mode, out, a, b, alpha=1, **_):
-        ta, tb = _binary_parts(mode, out, a, b)
-        mode.set(out, _sum_tangents(None if ta is None else sign_a * ta if sign_a != 1 else ta,
+    def rule(tm, out, a, b, alpha=1, **_):
+        ta, tb = _binary_parts(tm, out, a, b)
+        tm.set(out, _sum_tangents(None if ta is None else sign_a * ta if sign_a != 1 else ta,
                                     None if tb is None else (sign_b * alpha) * tb))
     return rule
 
@@ -335,9 +335,9 @@ for _n in ("add", "__add__", "__radd__"):
 for _n in ("sub", "__sub__", "subtract"):
     _RULES[_n] = _make_add(1.0, -1.0)
 for _n in ("__rsub__", "rsub"):  # rsub(a, b) = b - alpha * a
-    def _rsub(mode, out, a, b, alpha=1, **_):
-        ta, tb = _binary_parts(mode, out, a, b)
-        mode.set(out, _sum_tangents(None if ta is None else -alpha * ta, tb))
+    def _rsub(tm, out, a, b, alpha=1, **_):
+        ta, tb = _binary_parts(tm, out, a, b)
+        tm.set(out, _sum_tangents(None if ta is None else -alpha * ta, tb))
     _RULES[_n] = _rsub
 
 
@@ -345,16 +345,16 @@ for _n in ("__rsub__", "rsub"):  # rsub(a, b) = b - alpha * a
 
 
 @_rule("linear")
-def _linear(mode, out, x, weight, bias=None):
-    if mode.carries(weight) or mode.carries(bias):
+def _linear(tm, out, x, weight, bias=None):
+    if tm.carries(weight) or tm.carries(bias):
         raise UnsupportedOp("linear with a tangent-carrying weight or bias")
-    mode.set(out, _LazyLinear(_lift(mode.get(x), x.ndim), weight))
+    tm.set(out, _LazyLinear(_lift(tm.get(x), x.ndim), weight))
 
 
-def _product(mode, out, a, b, op=torch.matmul):
+def _product(tm, out, a, b, op=torch.matmul):
     if a.ndim < 2 or b.ndim < 2:
         raise UnsupportedOp("matmul of a vector")
-    ta, tb = mode.get(a), mode.get(b)
+    ta, tb = tm.get(a), tm.get(b)
     parts = []
     if ta is not None:
         parts.append(_lift(op(_lift(ta, a.ndim), b), out.ndim))
@@ -364,36 +364,36 @@ def _product(mode, out, a, b, op=torch.matmul):
 
 
 @_rule("matmul", "__matmul__", "mm", "bmm")
-def _matmul(mode, out, a, b):
-    mode.set(out, _product(mode, out, a, b))
+def _matmul(tm, out, a, b):
+    tm.set(out, _product(tm, out, a, b))
 
 
 @_rule("baddbmm", "addmm")
-def _baddbmm(mode, out, base, a, b, beta=1, alpha=1):
+def _baddbmm(tm, out, base, a, b, beta=1, alpha=1):
     parts = []
-    tin = mode.get(base)
+    tin = tm.get(base)
     if tin is not None and beta != 0:
         parts.append(beta * _lift(tin, out.ndim))
-    if mode.carries(a) or mode.carries(b):
-        parts.append(alpha * _product(mode, out, a, b))
-    mode.set(out, _sum_tangents(*parts) if parts else torch.zeros_like(out)[None])
+    if tm.carries(a) or tm.carries(b):
+        parts.append(alpha * _product(tm, out, a, b))
+    tm.set(out, _sum_tangents(*parts) if parts else torch.zeros_like(out)[None])
 
 
 # --- convolution, pooling, interpolation: linear in x ------------------------------------------------------
 
 
-def _linear_in_x(mode, out, x, call):
+def _linear_in_x(tm, out, x, call):
     """``out = f(x)`` with ``f`` linear: ``T_out = f(T_x)`` with ``K`` folded into the batch."""
-    tan = _full(mode.get(x), x).reshape(-1, *x.shape[1:])
-    mode.set(out, call(tan).reshape(-1, *out.shape))
+    tan = _full(tm.get(x), x).reshape(-1, *x.shape[1:])
+    tm.set(out, call(tan).reshape(-1, *out.shape))
 
 
 @_rule("conv1d", "conv2d", "conv3d")
-def _conv(mode, out, x, weight, bias=None, *args, **kwargs):
-    if mode.carries(weight) or mode.carries(bias):
+def _conv(tm, out, x, weight, bias=None, *args, **kwargs):
+    if tm.carries(weight) or tm.carries(bias):
         raise UnsupportedOp("convolution with a tangent-carrying weight or bias")
     op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.ndim]
-    _linear_in_x(mode, out, x, lambda z: op(z, weight, None, *args, **kwargs))
+    _linear_in_x(tm, out, x, lambda z: op(z, weight, None, *args, **kwargs))
 
 
 _LINEAR_FNS = {"interpolate": F.interpolate, "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d,
@@ -404,8 +404,8 @@ _LINEAR_FNS = {"interpolate": F.interpolate, "avg_pool1d": F.avg_pool1d, "avg_po
 def _make_linear_fn(name: str):
     fn = _LINEAR_FNS[name]
 
-    def rule(mode, out, x, *args, **kwargs):
-        _linear_in_x(mode, out, x, lambda z: fn(z, *args, **kwargs))
+    def rule(tm, out, x, *args, **kwargs):
+        _linear_in_x(tm, out, x, lambda z: fn(z, *args, **kwargs))
     return rule
 
 
@@ -423,10 +423,10 @@ def _pad(tm, out, x, pad, *args, **kwargs):
 
 
 @_rule("dropout")
-def _dropout(mode, out, x, p=0.5, training=True, inplace=False):
+def _dropout(tm, out, x, p=0.5, training=True, inplace=False):
     if (training and p > 0) or inplace:
-        raise UnsupportedOp("dropout in training mode")
-    mode.set(out, mode.get(x))
+        raise UnsupportedOp("dropout in training tm")
+    tm.set(out, tm.get(x))
 
 
 # --- normalisation, softmax --------------------------------------------------------------------------------
@@ -443,43 +443,43 @@ def _normalized_tangent(xg: torch.Tensor, tg: torch.Tensor, dims: tuple[int, ...
 
 
 @_rule("group_norm")
-def _group_norm(mode, out, x, num_groups, weight=None, bias=None, eps=1e-5):
-    if mode.carries(weight) or mode.carries(bias):
+def _group_norm(tm, out, x, num_groups, weight=None, bias=None, eps=1e-5):
+    if tm.carries(weight) or tm.carries(bias):
         raise UnsupportedOp("group_norm with a tangent-carrying weight or bias")
     b, c = x.shape[:2]
     xg = x.reshape(b, num_groups, -1)
-    tg = _full(mode.get(x), x).reshape(-1, b, num_groups, xg.shape[-1])
+    tg = _full(tm.get(x), x).reshape(-1, b, num_groups, xg.shape[-1])
     tan = _normalized_tangent(xg, tg, (2,), eps).reshape(-1, *x.shape)
     if weight is not None:
         tan = tan * weight.reshape(c, *([1] * (x.ndim - 2)))
-    mode.set(out, tan)
+    tm.set(out, tan)
 
 
 @_rule("layer_norm")
-def _layer_norm(mode, out, x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if mode.carries(weight) or mode.carries(bias):
+def _layer_norm(tm, out, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if tm.carries(weight) or tm.carries(bias):
         raise UnsupportedOp("layer_norm with a tangent-carrying weight or bias")
     dims = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    tan = _normalized_tangent(x, _full(mode.get(x), x), dims, eps)
-    mode.set(out, tan if weight is None else tan * weight)
+    tan = _normalized_tangent(x, _full(tm.get(x), x), dims, eps)
+    tm.set(out, tan if weight is None else tan * weight)
 
 
 @_rule("softmax")
-def _softmax(mode, out, x, dim=None, *args, **kwargs):
+def _softmax(tm, out, x, dim=None, *args, **kwargs):
     if dim is None:
         raise UnsupportedOp("softmax without dim")
     d = _dim(dim, x.ndim) + 1
-    tan = _full(mode.get(x), x).to(out.dtype)
-    mode.set(out, out * (tan - (out * tan).sum(d, keepdim=True)))
+    tan = _full(tm.get(x), x).to(out.dtype)
+    tm.set(out, out * (tan - (out * tan).sum(d, keepdim=True)))
 
 
 @_rule("log_softmax")
-def _log_softmax(mode, out, x, dim=None, *args, **kwargs):
+def _log_softmax(tm, out, x, dim=None, *args, **kwargs):
     if dim is None:
         raise UnsupportedOp("log_softmax without dim")
     d = _dim(dim, x.ndim) + 1
-    tan = _full(mode.get(x), x).to(out.dtype)
-    mode.set(out, tan - (out.exp() * tan).sum(d, keepdim=True))
+    tan = _full(tm.get(x), x).to(out.dtype)
+    tm.set(out, tan - (out.exp() * tan).sum(d, keepdim=True))
 
 
 # --- reductions --------------------------------------------------------------------------------------------
@@ -493,15 +493,15 @@ def _reduce_dims(x, dim):
 
 
 @_rule("sum")
-def _sum(mode, out, x, dim=None, keepdim=False, *, dtype=None):
+def _sum(tm, out, x, dim=None, keepdim=False, *, dtype=None):
     dims = _reduce_dims(x, dim)
-    mode.set(out, _full(mode.get(x), x).sum(tuple(d + 1 for d in dims), keepdim=keepdim))
+    tm.set(out, _full(tm.get(x), x).sum(tuple(d + 1 for d in dims), keepdim=keepdim))
 
 
 @_rule("mean")
-def _mean(mode, out, x, dim=None, keepdim=False, *, dtype=None):
+def _mean(tm, out, x, dim=None, keepdim=False, *, dtype=None):
     dims = _reduce_dims(x, dim)
-    mode.set(out, _full(mode.get(x), x).mean(tuple(d + 1 for d in dims), keepdim=keepdim))
+    tm.set(out, _full(tm.get(x), x).mean(tuple(d + 1 for d in dims), keepdim=keepdim))
 
 
 # --- shape ops ---------------------------------------------------------------------------------------------
@@ -509,92 +509,92 @@ def _mean(mode, out, x, dim=None, keepdim=False, *, dtype=None):
 
 @_rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
        "ravel")
-def _reshape(mode, out, x, *args, **kwargs):
-    tan = mode.get(x)
-    mode.set(out, _full(tan, x).reshape(tan.shape[0], *out.shape))
+def _reshape(tm, out, x, *args, **kwargs):
+    tan = tm.get(x)
+    tm.set(out, _full(tan, x).reshape(tan.shape[0], *out.shape))
 
 
 @_rule("expand", "expand_as", "broadcast_to")
-def _expand(mode, out, x, *args, **kwargs):
-    tan = mode.get(x)
-    mode.set(out, _lift(tan, out.ndim).expand(tan.shape[0], *out.shape))
+def _expand(tm, out, x, *args, **kwargs):
+    tan = tm.get(x)
+    tm.set(out, _lift(tan, out.ndim).expand(tan.shape[0], *out.shape))
 
 
 @_rule("permute")
-def _permute(mode, out, x, *dims):
+def _permute(tm, out, x, *dims):
     dims = tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
-    tan = _lift(mode.get(x), x.ndim)
-    mode.set(out, tan.permute(0, *(_dim(d, x.ndim) + 1 for d in dims)))
+    tan = _lift(tm.get(x), x.ndim)
+    tm.set(out, tan.permute(0, *(_dim(d, x.ndim) + 1 for d in dims)))
 
 
 @_rule("transpose", "swapaxes", "swapdims")
-def _transpose(mode, out, x, d0, d1):
-    tan = _lift(mode.get(x), x.ndim)
-    mode.set(out, tan.transpose(_dim(d0, x.ndim) + 1, _dim(d1, x.ndim) + 1))
+def _transpose(tm, out, x, d0, d1):
+    tan = _lift(tm.get(x), x.ndim)
+    tm.set(out, tan.transpose(_dim(d0, x.ndim) + 1, _dim(d1, x.ndim) + 1))
 
 
 @_rule("t", ".T")
-def _t(mode, out, x):
-    tan = _lift(mode.get(x), x.ndim)
-    mode.set(out, tan.permute(0, *range(x.ndim, 0, -1)))
+def _t(tm, out, x):
+    tan = _lift(tm.get(x), x.ndim)
+    tm.set(out, tan.permute(0, *range(x.ndim, 0, -1)))
 
 
 @_rule(".mT")
-def _mt(mode, out, x):
-    mode.set(out, _lift(mode.get(x), x.ndim).transpose(-1, -2))
+def _mt(tm, out, x):
+    tm.set(out, _lift(tm.get(x), x.ndim).transpose(-1, -2))
 
 
 @_rule("contiguous", "clone", "float", "double", "half", "to", "type_as", "cpu", "cuda", "type")
-def _cast(mode, out, x, *args, **kwargs):
+def _cast(tm, out, x, *args, **kwargs):
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         return
-    mode.set(out, mode.get(x).to(dtype=out.dtype, device=out.device))
+    tm.set(out, tm.get(x).to(dtype=out.dtype, device=out.device))
 
 
 @_rule("__getitem__")
-def _getitem(mode, out, x, index):
-    if mode.carries(index):
+def _getitem(tm, out, x, index):
+    if tm.carries(index):
         raise UnsupportedOp("indexing with a tangent-carrying index")
     index = index if isinstance(index, tuple) else (index,)
-    tan = _full(mode.get(x), x)[(slice(None), *index)]
+    tan = _full(tm.get(x), x)[(slice(None), *index)]
     if tan.shape[1:] != out.shape:
         raise UnsupportedOp("advanced indexing that moves dimensions")
-    mode.set(out, tan)
+    tm.set(out, tan)
 
 
-def _split_like(mode, outs, x, dim):
-    tan = _full(mode.get(x), x)
+def _split_like(tm, outs, x, dim):
+    tan = _full(tm.get(x), x)
     start = 0
     d = _dim(dim, x.ndim)
     for o in outs:
-        mode.set(o, tan.narrow(d + 1, start, o.shape[d]))
+        tm.set(o, tan.narrow(d + 1, start, o.shape[d]))
         start += o.shape[d]
 
 
 @_rule("chunk", "split", "tensor_split")
-def _chunk(mode, outs, x, *args, dim=0, **kwargs):
+def _chunk(tm, outs, x, *args, dim=0, **kwargs):
     if len(args) >= 2:
         dim = args[1]
-    _split_like(mode, outs, x, dim)
+    _split_like(tm, outs, x, dim)
 
 
 @_rule("unbind")
-def _unbind(mode, outs, x, dim=0):
-    tan = _full(mode.get(x), x)
+def _unbind(tm, outs, x, dim=0):
+    tan = _full(tm.get(x), x)
     d = _dim(dim, x.ndim) + 1
     for i, o in enumerate(outs):
-        mode.set(o, tan.select(d, i))
+        tm.set(o, tan.select(d, i))
 
 
 @_rule("narrow")
-def _narrow(mode, out, x, dim, start, length):
-    mode.set(out, _full(mode.get(x), x).narrow(_dim(dim, x.ndim) + 1, start, length))
+def _narrow(tm, out, x, dim, start, length):
+    tm.set(out, _full(tm.get(x), x).narrow(_dim(dim, x.ndim) + 1, start, length))
 
 
 @_rule("cat", "concat", "concatenate")
-def _cat(mode, out, tensors, dim=0):
+def _cat(tm, out, tensors, dim=0):
     d = _dim(dim, out.ndim)
-    lifted = [None if mode.get(t) is None else _lift(mode.get(t), t.ndim) for t in tensors]
+    lifted = [None if tm.get(t) is None else _lift(tm.get(t), t.ndim) for t in tensors]
     k = next(t.shape[0] for t in lifted if t is not None)
     # keep a size-1 (broadcast) dim where every tangent has one: e_j is the same for every row
     shape = [1 if all(t is None or t.shape[i + 1] == 1 for t in lifted) else out.shape[i]
@@ -603,22 +603,22 @@ def _cat(mode, out, tensors, dim=0):
     for t, tan in zip(tensors, lifted, strict=True):
         size = [*shape[:d], t.shape[d], *shape[d + 1:]]
         parts.append(t.new_zeros(()).expand(k, *size) if tan is None else tan.expand(k, *size))
-    mode.set(out, torch.cat(parts, d + 1))
+    tm.set(out, torch.cat(parts, d + 1))
 
 
 @_rule("stack")
-def _stack(mode, out, tensors, dim=0):
+def _stack(tm, out, tensors, dim=0):
     d = _dim(dim, out.ndim)
-    parts = [torch.zeros_like(t).expand(mode.k, *t.shape) if mode.get(t) is None else _full(mode.get(t), t)
+    parts = [torch.zeros_like(t).expand(tm.k, *t.shape) if tm.get(t) is None else _full(tm.get(t), t)
              for t in tensors]
-    mode.set(out, torch.stack(parts, d + 1))
+    tm.set(out, torch.stack(parts, d + 1))
 
 
 @_rule("where")
-def _where(mode, out, cond, a, b):
-    ta, tb = _binary_parts(mode, out, a, b)
+def _where(tm, out, cond, a, b):
+    ta, tb = _binary_parts(tm, out, a, b)
     zero = out.new_zeros(())
-    mode.set(out, torch.where(cond, zero if ta is None else ta, zero if tb is None else tb))
+    tm.set(out, torch.where(cond, zero if ta is None else ta, zero if tb is None else tb))
 
 
 SUPPORTED: tuple[str, ...] = tuple(sorted(_RULES))
