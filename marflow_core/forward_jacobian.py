@@ -207,7 +207,7 @@ def _relu(tm, out, x, inplace=False):
 @_rule("leaky_relu")
 def _leaky_relu(tm, out, x, negative_slope=0.01, inplace=False):
     _refuse_inplace({"inplace": inplace}, "leaky_relu")
-    _unary(tm, out, x, torch.where(x > 0, 1.0, negative_slope).to(x.dtype))
+    _unary(tm, out, x, (x > 0).to(x.dtype) * (1 - negative_slope) + negative_slope)
 
 
 @_rule("elu")
