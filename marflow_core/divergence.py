@@ -93,7 +93,8 @@ def reverse_jacobian(
     return v, jac
 
 
-# per field object (weakly) and train/eval mode: {"rows": bool, "tangent": bool, "functorch": bool}
+# per field object (weakly) and train/eval mode:
+# {"rows": bool, ("tangent", create_graph): bool, "functorch": bool}
 _DECISIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -117,7 +118,7 @@ def _plan(field, x, t, method: str, create_graph: bool, decided: dict) -> str:
             decided["rows"] = rows_independent(field, x, t)
         if not decided["rows"]:
             return "reverse"
-    if decided.get("tangent", True):
+    if decided.get(("tangent", create_graph), True):
         return "tangent"
     if method == "forward" or (create_graph and decided.get("functorch", True)):
         return "functorch"
@@ -161,7 +162,7 @@ def _run(
                 else:
                     v, jac = reverse_jacobian(field, x, t, create_graph)
         except UnsupportedOp:
-            decided["tangent"] = False
+            decided[("tangent", create_graph)] = False
             continue
         except (RuntimeError, NotImplementedError):  # e.g. an op without a forward-mode formula
             if plan != "functorch" or method == "forward":

@@ -128,6 +128,15 @@ def test_conv_field_on_images_matches_functional_jacobian():
     torch.testing.assert_close(jac, expected, rtol=0, atol=1e-10)
     _, div = exact_divergence(model, x, t, chunk_size=5)
     torch.testing.assert_close(div, expected.diagonal(dim1=1, dim2=2).sum(-1), rtol=0, atol=1e-10)
+    # float64 CPU convolutions without create_graph decline the engine (reverse mode is faster);
+    # with grad enabled (create_graph) the engine's convolution rule runs
+    assert jacobian_plan(model, x, t) == "reverse"
+    assert jacobian_plan(model, x, t, create_graph=True) == "tangent"
+    with torch.enable_grad():
+        _, jac_fwd = tangent_columns(model, x, t, chunk_size=7)
+    torch.testing.assert_close(jac_fwd.detach(), expected, rtol=0, atol=1e-10)
+    with torch.no_grad(), pytest.raises(UnsupportedOp, match="float64"):
+        tangent_columns(model, x, t)
 
 
 def test_chunk_sizes_agree():
