@@ -16,12 +16,15 @@ argument ``method``, default the context's ``default_jacobian_method``, itself `
   to bound memory; the trace alone skips the last linear layer's GEMM), or, for an op that engine
   has no rule for, ``torch.func.jvp`` under ``vmap``.
 * ``"auto"`` (the default) picks, per field (decisions cached per field object and train/eval
-  mode): a ``JacobianField``'s own Jacobian; else, once ``rows_independent`` holds (checked once
-  on a few rows: per-row ``vmap`` agrees with the batch, so not BatchNorm in training mode, no
-  in-place state updates, no randomness, no coupling across rows), the tangent engine; if an op
-  lacks a rule there, ``torch.func`` forward mode when ``create_graph`` (it beats the double
-  backward through convolutions and the UNet) and reverse mode otherwise; reverse mode for a field
-  that fails the check. ``benchmarks/README.md`` has the timings behind these choices.
+  mode; a plain function wrapping a module is one object, so build a new one after ``.train()``
+  / ``.eval()``): a ``JacobianField``'s own Jacobian; reverse mode for ``D < FORWARD_MIN_DIM``
+  (4); else, once ``rows_independent`` holds (checked once on a few rows: per-row ``vmap`` agrees
+  with the batch, so not BatchNorm in training mode, no in-place state updates, no randomness, no
+  coupling across rows), the tangent engine; if an op lacks a rule there (and for convolutions
+  on CPU without ``create_graph``, where convolution backward kernels are faster), ``torch.func``
+  forward mode when ``create_graph`` (it still beats the double backward) and reverse mode
+  otherwise; reverse mode for a field that fails the check. ``benchmarks/README.md`` has the
+  timings behind these choices.
 
 All give the same values to round-off; with ``create_graph`` every one is differentiable in the
 parameters (forward mode: reverse over forward).
@@ -48,6 +51,10 @@ JacobianMethod = Literal["auto", "forward", "reverse"]
 JACOBIAN_METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
 #: ``(x, t) -> (v, div)`` with ``v: (B, ...)`` and ``div: (B,)``
 DivergenceFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+#: ``auto`` takes reverse mode below this many columns: at ``D = 2`` both cost about the same per
+#: column pair and reverse mode has no per-op Python overhead (faster at small batches)
+FORWARD_MIN_DIM = 4
 
 _DEFAULT_METHOD: ContextVar[str] = ContextVar("marflow_jacobian_method", default="auto")
 
@@ -114,6 +121,8 @@ def _plan(field, x, t, method: str, create_graph: bool, decided: dict) -> str:
     if isinstance(field, JacobianField) and x.ndim == 2:
         return "jacobian_field"
     if method == "auto":
+        if x[0].numel() < FORWARD_MIN_DIM:
+            return "reverse"
         if "rows" not in decided:
             decided["rows"] = rows_independent(field, x, t)
         if not decided["rows"]:

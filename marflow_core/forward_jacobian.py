@@ -392,10 +392,11 @@ def _linear_in_x(tm, out, x, call):
 def _conv(tm, out, x, weight, bias=None, *args, **kwargs):
     if tm.carries(weight) or tm.carries(bias):
         raise UnsupportedOp("convolution with a tangent-carrying weight or bias")
-    if x.dtype == torch.float64 and x.device.type == "cpu" and not torch.is_grad_enabled():
-        # torch's float64 CPU convolution forward is its slow path: the batched VJP (convolution
-        # backward) is faster there (benchmarks/README.md); with create_graph forward mode still wins
-        raise UnsupportedOp("float64 CPU convolution without create_graph: reverse mode is faster")
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        # on CPU, without create_graph, the batched VJP (convolution backward kernels) beats these
+        # tangent convolutions (UNet 0.8x, float64 convolutions 0.3x; benchmarks/README.md); with
+        # create_graph forward mode wins (the image tier's UNet 2.4x)
+        raise UnsupportedOp("CPU convolution without create_graph: reverse mode is faster")
     op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.ndim]
     _linear_in_x(tm, out, x, lambda z: op(z, weight, None, *args, **kwargs))
 
