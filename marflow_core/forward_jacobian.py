@@ -56,10 +56,6 @@ def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def _as_tensor_arg(a, like: torch.Tensor):
-    return a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=like.dtype, device=like.device)
-
-
 class _LazyLinear:
     """The tangent ``T_in @ W^T`` of a linear layer, computed only when used: when it is the
     field's output and only the trace is wanted, ``diagonal`` needs ``K`` dot products per row
