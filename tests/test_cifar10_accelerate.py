@@ -24,8 +24,8 @@ from marflow_core import PeRFlowSampler, TimeWindows
 from marflow_core.errors import NonFiniteLossError
 from marflow_core.integrity import verified_load
 from replication import registry
-from replication.common.ema import WeightEMA
 from replication.config import ConfigError
+from replication.gpu_common.ema import WeightEMA
 from replication.stage import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +198,28 @@ def test_the_saved_ema_is_rectified_flows_average_of_the_checkpointed_weights(tm
     assert relative_gap(start, saved["trained"], saved["model"]) < 1e-4
 
 
-def test_ema_decay_zero_keeps_no_average(tmp_path, data_root):
+def test_ema_decay_zero_keeps_no_average_and_a_new_decay_retrains(tmp_path, data_root):
     path = params_for(tmp_path, data_root, teacher={"steps": 2, "ema_decay": 0.0})
     run("cifar10_teacher", path)
     saved = final(tmp_path, "teacher")
     assert saved["ema_updates"] == 0
     assert all(torch.equal(saved["model"][k], v) for k, v in saved["trained"].items())
+    run("cifar10_teacher", params_for(tmp_path, data_root, teacher={"steps": 2, "ema_decay": 0.5}))
+    again = final(tmp_path, "teacher")  # the run started over with the new decay (not "finished")
+    assert again["ema_updates"] == 2 and not torch.equal(flat(again["model"]), flat(again["trained"]))
+
+
+def test_the_batch_plan_splits_each_global_batch_and_moves_on():
+    """Step ``s`` reads global positions ``[s G, (s + 1) G)`` exactly once over processes and
+    micro-steps; one epoch reads every item once."""
+    from replication.gpu_common.batches import BatchPlan
+
+    plan = BatchPlan(n_items=12, batch_size=2, processes=3, grad_accum=2, seed=0, tag="cifar10")
+    for step in (0, 1, 5):
+        got = sorted(p for m in range(2) for r in range(3) for p in plan.positions(step, m, r))
+        assert got == list(range(12 * step, 12 * (step + 1)))
+    assert sorted(plan.items(list(range(12, 24))).tolist()) == list(range(12))
+    assert plan.items(list(range(12))).tolist() != plan.items(list(range(12, 24))).tolist()  # a new order
 
 
 # ------------------------------------------------------------------- processes and accumulation

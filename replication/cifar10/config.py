@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from marflow_core import InvalidParameter, MAConfig, PeRFlowConfig, ReflowPairConfig, TrainConfig
 from marflow_core.unet import UNetConfig
 
-from ..common.accelerate_train import PRECISIONS
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
 from ..config import check_device, check_nfe_list, require, require_each
+from ..gpu_common.accelerate_train import PRECISIONS
 
 SIZE, CHANNELS = 32, 3
 OUTPUTS = "replication/gpu/outputs/cifar10"
@@ -77,13 +77,13 @@ class Cifar10Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The accelerate trainer's keys of the two training sections (replication/common/accelerate_train.py)
+# The accelerate trainer's keys of the two training sections (replication/gpu_common/accelerate_train.py)
 # ---------------------------------------------------------------------------------------------------
 #: Rectified Flow's EMA decays on CIFAR-10 (gnobitab/RectifiedFlow, ImageGeneration/configs/
 #: rectified_flow/): ``model.ema_rate = 0.999999`` for the 1-rectified flow
 #: (``cifar10_rf_gaussian_ddpmpp.py``) and ``0.9999`` for reflow (``cifar10_rf_gaussian_reflow_train.py``,
 #: also its distillation configs), both with the warm-up ``min(decay, (1 + n) / (10 + n))`` of its
-#: ``models/ema.py`` (``replication/common/ema.py``).
+#: ``models/ema.py`` (``replication/gpu_common/ema.py``).
 TEACHER_EMA_DECAY = 0.999999
 STUDENT_EMA_DECAY = 0.9999
 
@@ -97,7 +97,7 @@ class AccelerateKeys:
     Flow's), ``fp16`` or ``bf16``; ``max_overflow_skips`` (fp16 only) consecutive GradScaler skips
     stop the run. ``checkpoints_total_limit``: the newest accelerate checkpoints kept (null: all;
     about 0.6 GB each for the 36M-parameter UNet: weights, Adam moments, EMA). ``ema_decay``: the
-    EMA's decay cap (``replication/common/ema.py``; 0: no EMA, the weights are used as trained); the
+    EMA's decay cap (``replication/gpu_common/ema.py``; 0: no EMA, the weights are used as trained); the
     EMA is what the pair bank, the students' teacher, the FID and the samples use."""
 
     grad_accum: int = 1

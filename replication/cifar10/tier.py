@@ -1,5 +1,5 @@
 """CIFAR-10 training stages on the GPU tiers' accelerate loop (``train.py``,
-``replication.common.accelerate_train``): ``accelerate launch -m replication.stage cifar10_teacher``
+``replication.gpu_common.accelerate_train``): ``accelerate launch -m replication.stage cifar10_teacher``
 spreads a run over GPUs; ``python -m replication.stage ...`` runs it in one process.
 
 Images are ``(B, 3, 32, 32)`` in ``[-1, 1]``; the velocity field is the core's ``UNetVelocity`` (a
@@ -43,10 +43,10 @@ from marflow_core.integrity import verified_load
 from marflow_core.unet import UNetConfig, UNetVelocity
 
 from ..common import fingerprint
-from ..common.accelerate_train import float32_passes
 from ..common.methods import method_module
 from ..common.runs import check_run_dir, prepare_run_dir
 from ..common.students import StudentSpec
+from ..gpu_common.accelerate_train import float32_passes
 from .config import CHANNELS, SIZE, Cifar10Config, StudentsConfig, TeacherConfig
 from .data import load_cifar10_uint8, to_unit_range
 from .objective import CifarLoss, draw_samples, flipped, perflow_batch, straight_batch

@@ -1,5 +1,5 @@
 """One CIFAR-10 training run (the teacher, or one student seed) on the GPU tiers' accelerate loop
-(``replication.common.accelerate_train``), from one CPU process to many GPUs (``accelerate launch``).
+(``replication.gpu_common.accelerate_train``), from one CPU process to many GPUs (``accelerate launch``).
 
 The run folder (``prepare_run_dir``: kept only for the same fingerprint) holds
 ``checkpoints/checkpoint-<step>/`` (accelerate ``save_state``: weights, Adam, EMA, RNG states, step;
@@ -32,11 +32,11 @@ from marflow_core.integrity import verified_load, with_digest
 from marflow_core.seeding import derive_seed
 from marflow_core.training import canonical
 
-from ..common.accelerate_train import LOG, LoopSettings, make_accelerator, prepare, train_loop
-from ..common.batches import BatchPlan
-from ..common.ema import WeightEMA
 from ..common.runs import prepare_run_dir
 from ..config import require
+from ..gpu_common.accelerate_train import LOG, LoopSettings, make_accelerator, prepare, train_loop
+from ..gpu_common.batches import BatchPlan
+from ..gpu_common.ema import WeightEMA
 from .config import StudentsConfig, TeacherConfig
 
 FINAL = "final.pt"

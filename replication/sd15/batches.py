@@ -1,4 +1,4 @@
-"""SD 1.5's micro-batches of the shared deterministic batch plan (``replication.common.batches``:
+"""SD 1.5's micro-batches of the shared deterministic batch plan (``replication.gpu_common.batches``:
 the plan with ``tag = "sd15"``, so sample randomness is ``stream(seed, "sd15-train", s, position)``).
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from ..common.batches import BatchPlan
+from ..gpu_common.batches import BatchPlan
 
 __all__ = ["BatchPlan", "PlannedBatches", "sd15_plan"]
 

@@ -1,5 +1,5 @@
 """SD 1.5 trainer: PeRFlow and PeRFlow + MA on the GPU tiers' accelerate loop
-(``replication.common.accelerate_train``; one CPU process up to many GPUs and nodes).
+(``replication.gpu_common.accelerate_train``; one CPU process up to many GPUs and nodes).
 
     python -m replication.stage sd15_train [--params FILE]
     accelerate launch [--multi_gpu --num_processes 8 ...] -m replication.stage sd15_train
@@ -28,7 +28,8 @@ import yaml
 
 from marflow_core.atomic import atomic_write_text
 
-from ..common.accelerate_train import (
+from ..config import ConfigError
+from ..gpu_common.accelerate_train import (
     LoopSettings,
     averaged_weights,
     float32_passes,
@@ -38,7 +39,6 @@ from ..common.accelerate_train import (
     train_loop,
     weight_dtype,
 )
-from ..config import ConfigError
 from .config import SD15TrainConfig
 from .inputs import check_pipeline_dir, checked_inputs, read_caption_folder
 

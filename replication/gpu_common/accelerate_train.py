@@ -10,7 +10,7 @@ A tier builds the model, its EMA and optimizer, then
 
 where ``micro_loss(step, micro) -> (loss, parts)`` computes the loss of micro-batch ``micro`` of
 optimizer step ``step`` on this process (``parts``: floats to log). The tier draws every sample's
-randomness from its global position (``replication.common.batches``), so a global batch split over
+randomness from its global position (``replication.gpu_common.batches``), so a global batch split over
 more processes or accumulation micro-steps is the same computation.
 
 Under ``out``: ``checkpoints/checkpoint-<step>/`` (accelerate ``save_state``: model, optimizer, EMA,
