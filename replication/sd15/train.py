@@ -29,21 +29,25 @@ import yaml
 from marflow_core.atomic import atomic_write_text
 
 from ..config import ConfigError
-from ..gpu_common.accelerate_train import (
+from ..gpu_common.accelerate_train import (  # the loop's pieces, also importable from here as before
     LoopSettings,
+    OverflowSkips,
+    TrainState,
     averaged_weights,
     float32_passes,
     latest_checkpoint,
     make_accelerator,
+    peak_memory_mb,
     prepare,
+    save_checkpoint,
     train_loop,
     weight_dtype,
 )
 from .config import SD15TrainConfig
 from .inputs import check_pipeline_dir, checked_inputs, read_caption_folder
 
-__all__ = ["RESUMABLE_KEYS", "check_inputs", "float32_passes", "latest_checkpoint", "ma_context", "run_stage",
-           "train"]
+__all__ = ["RESUMABLE_KEYS", "OverflowSkips", "TrainState", "check_inputs", "float32_passes", "latest_checkpoint",
+           "ma_context", "peak_memory_mb", "run_stage", "save_checkpoint", "train"]
 
 #: config keys that may change when a run resumes (they do not change what is computed)
 RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
