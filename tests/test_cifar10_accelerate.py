@@ -452,3 +452,43 @@ def test_the_teachers_loss_is_flow_matching():
     tt = u[:, None, None, None]
     expected = (0.3 * ((1 - tt) * x0 + tt * x1) + tt - (x1 - x0)).pow(2).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-6) and set(parts) == {"fm", "total"}
+
+
+def test_ma_finite_differences_run_in_float32_with_tf32_off_under_bf16():
+    """A PeRFlow + MA student's loss under accelerate's bf16 autocast: the trajectory-matching pass
+    runs in bf16, the finite-difference MA passes in float32 with autocast and TF32 off (whose 10-bit
+    mantissa would swamp ``fd_step``), and TF32 is back on after."""
+    from accelerate import Accelerator
+
+    from replication.cifar10 import tier
+    from replication.gpu_common.batches import BatchPlan
+
+    params = tiny_params(Path("unused"))
+    cfg = registry.section(params, "cifar10")
+    students = registry.section(params, "cifar10_students")
+    torch.manual_seed(0)
+    teacher = tier.make_model(cfg.model).eval().requires_grad_(False)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(tier.make_model(students.student_unet(cfg.model)))
+    calls: list[dict] = []
+
+    def record(module, args, output):
+        calls.append({"dtype": output.dtype, "autocast": torch.is_autocast_enabled("cpu"),
+                      "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)})
+
+    accelerator.unwrap_model(model).unet.conv_out.register_forward_hook(record)
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    build = tier.student_losses(cfg, students, students.students["perflow2_ma"], teacher, images, None)
+    micro_loss = build(accelerator, model, BatchPlan(10, 2, 1, 1, 0, "cifar10"))
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        loss, parts = micro_loss(0, 0)
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    tm_pass, ma_passes = calls[0], calls[1:]
+    assert tm_pass["dtype"] == torch.bfloat16 and tm_pass["autocast"] and tm_pass["tf32"] == (True, True)
+    assert ma_passes and all(c["dtype"] == torch.float32 and not c["autocast"] and c["tf32"] == (False, False)
+                             for c in ma_passes)
+    assert after == (True, True) and set(parts) == {"tm", "ma", "total"} and loss.requires_grad

@@ -10,7 +10,8 @@ This is the rule of Rectified Flow's CIFAR-10 code (``gnobitab/RectifiedFlow``,
 default its ``run_lib.py`` and ``run_lib_reflow.py`` construct), not diffusers' ``EMAModel``, whose
 warm-up is shifted by one update and copies the weights at the first. With the warm-up the cap
 ``decay`` binds only from ``n = (10 decay - 1) / (1 - decay)`` on (about 9e6 updates at 0.999999,
-9e4 at 0.9999): before, the average weighs update ``k`` of ``n`` about ``((k + 10) / (n + 10))^9``.
+9e4 at 0.9999): before, the average weighs update ``k`` in proportion to about ``(k + 10)^8``
+(``(1 - d_k) prod_{j > k} d_j``; a mean age of a tenth of the run).
 
 The interface is the one the accelerate trainer (``accelerate_train``) uses for diffusers' EMA too:
 ``step``, ``copy_to``, ``store`` / ``restore``, ``to``, ``state_dict`` / ``load_state_dict`` (so
