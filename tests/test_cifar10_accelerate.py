@@ -340,6 +340,12 @@ def test_a_killed_run_resumes_at_its_checkpoint_bit_for_bit(tmp_path, data_root,
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("sec_per_step", "peak_memory_mb")} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"]) and [r["step"] for r in b["history"]] == [1, 2, 3, 4]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4"]
+    # a finished run is not trained again, even with its checkpoints deleted (to free the disk)
+    shutil.rmtree(run_dir / "checkpoints")
+    before = (run_dir / "final.pt").read_bytes()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run("cifar10_teacher", path)
+    assert (run_dir / "final.pt").read_bytes() == before and not (run_dir / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------- fp16 overflow
