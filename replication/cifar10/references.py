@@ -52,7 +52,8 @@ def comparison_table(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> tu
              "the DDPM++ of the published rows: comparable protocols, different architectures.",
              "", "| model | seed | NFE | FID |", "| --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['model']} | {row.get('seed', '-')} | {row['nfe']} | {row['fid']:.2f} |")
+        seed = '-' if row.get('seed') is None else row['seed']
+        lines.append(f"| {row['model']} | {seed} | {row['nfe']} | {row['fid']:.2f} |")
     refs = []
     lines += ["", "| source | method | solver | steps | distillation | FID | comparable with our run |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
