@@ -88,10 +88,11 @@ def test_loader_names_the_missing_file_and_where_it_goes(tmp_path):
 
 def test_references_have_sources_and_match_the_design_numbers():
     refs = load_cifar10_references()
-    fids = {e["method"]: e["fid"] for e in refs["entries"]}
-    assert fids["1-Rectified Flow"] == 2.58 and fids["2-Rectified Flow (distilled)"] == 4.85
+    fids = {(e["method"], e["fields"]["solver"]): e["fid"] for e in refs["entries"]}
+    assert fids[("1-Rectified Flow", "RK45 (adaptive)")] == 2.58 and fids[("2-Rectified Flow (+Distill)", "Euler")] == 4.85
+    assert fids[("2-Rectified Flow", "Euler")] == 12.21  # undistilled, one Euler step: Liu et al. Table 1(a)
     assert all(e["source"] and e["protocol_spec"]["samples"] == 50000 for e in refs["entries"])
-    assert fids["reflow / PeRFlow + MA (paper)"] == "unknown"
+    assert fids[("reflow / PeRFlow + MA (paper)", "unknown")] == "unknown"
 
 
 

@@ -8,7 +8,9 @@ The stages ``sd15_train`` and ``sd15_train_perflow`` (``stages.py``) call ``run_
 section, an ``SD15TrainConfig`` (replication/sd15/config.py). Inputs are checked before any model is
 loaded or anything is written: a bad key, a missing weights file or caption folder is one line on
 stderr and exit status 2. Outputs under ``output_dir``: ``checkpoints/checkpoint-<step>/``
-(accelerate ``save_state``: student, optimizer, EMA, RNG, step; the newest is resumed automatically),
+(accelerate ``save_state``: student, optimizer, EMA, RNG, step; the newest is resumed automatically;
+with ``delete_checkpoints_when_done`` they are deleted once the run is finished, which
+``finished.json`` records, so that a finished run is not trained again),
 ``pipeline/`` (a diffusers pipeline folder with the student UNet, EMA weights if ``ema``, and the
 PeRFlow scheduler), ``delta_weights.safetensors``, ``train_log.jsonl`` (per logged step: the loss
 terms, the gradient norm, null on an fp16 overflow skip, ``overflow_skips`` so far, ``sec_per_step``
@@ -19,11 +21,15 @@ averaged over the steps since the previous row, logging and checkpoints excluded
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 import yaml
 
 from marflow_core.atomic import atomic_write_text
@@ -51,7 +57,9 @@ __all__ = ["RESUMABLE_KEYS", "OverflowSkips", "TrainState", "check_inputs", "flo
 
 #: config keys that may change when a run resumes (they do not change what is computed)
 RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
-                  "dataloader_workers", "loss_limit", "max_overflow_skips")
+                  "dataloader_workers", "loss_limit", "max_overflow_skips", "delete_checkpoints_when_done")
+#: written into ``output_dir`` once the final pipeline is saved: ``{"steps": N}``
+FINISHED = "finished.json"
 
 
 def check_inputs(cfg: SD15TrainConfig) -> None:
@@ -59,6 +67,11 @@ def check_inputs(cfg: SD15TrainConfig) -> None:
     check_pipeline_dir(cfg.model_dir, "model_dir")
     read_caption_folder(cfg.data_dir, "data_dir")
     out = Path(cfg.output_dir)
+    finished = finished_without_checkpoints(out)
+    if finished is not None and finished != cfg.steps:
+        raise ConfigError(f"steps = {cfg.steps}: output_dir {str(out)!r} holds a run finished at step {finished} "
+                          f"whose checkpoints were deleted (delete_checkpoints_when_done), so it cannot be resumed; "
+                          f"use another output_dir, or delete this one to start over")
     saved = out / "config.yaml"
     if saved.is_file():
         old = _leaves(yaml.safe_load(saved.read_text()) or {})
@@ -79,6 +92,46 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def finished_without_checkpoints(out: Path) -> int | None:
+    """The step count of a finished run in ``out`` whose checkpoints are gone (``FINISHED`` written,
+    no checkpoint left), else None."""
+    marker = out / FINISHED
+    if not marker.is_file() or latest_checkpoint(out) is not None:
+        return None
+    return int(json.loads(marker.read_text())["steps"])
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    """``(matmul, cudnn)`` TF32 flags of the CUDA backends (settable, and read, on any machine)."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@contextmanager
+def tf32_set(flags: tuple[bool, bool]) -> Iterator[None]:
+    """Run with the TF32 ``flags``; the previous ones are restored after."""
+    before = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def checkpoint_keeping_precision(module, *args, **kwargs):
+    """``torch.utils.checkpoint`` of ``module`` whose recompute (in the backward pass) runs under the
+    TF32 flags of its forward. ``float32_passes`` turns TF32 off for the finite-difference passes and
+    is left before the backward, so the default checkpoint would recompute them with TF32 on (torch
+    keeps the autocast state and the RNG itself, not these global flags)."""
+    flags = tf32_flags()
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), tf32_set(flags)), **kwargs)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing of a diffusers model with ``checkpoint_keeping_precision``."""
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_precision)
 
 
 def perflow_scheduler(cfg: SD15TrainConfig, scheduler_config: dict):
@@ -120,6 +173,9 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
     from .objective import PeRFlowSD15Objective, conditioning, draw_sample_noise
 
     out = Path(cfg.output_dir)
+    if finished_without_checkpoints(out) == cfg.steps and (out / "pipeline").is_dir():
+        print(f"{out}: finished at step {cfg.steps} (checkpoints deleted); nothing to train")
+        return out / "pipeline"
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, out)
     dtype = weight_dtype(accelerator)
     comps = load_components(cfg.model_dir, accelerator.device, dtype)
@@ -130,7 +186,7 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
 
         student.set_attn_processor(AttnProcessor())  # fused attention kernels have no double backward
     if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+        enable_checkpointing(student)
     ema = None
     if cfg.ema:
         from diffusers.training_utils import EMAModel
@@ -184,6 +240,9 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
         with averaged_weights(ema, accelerator.unwrap_model(student)) as unet:
             final = save_student(unet, cfg.model_dir, out, perflow_scheduler(cfg, comps.scheduler_config),
                                  cfg.save_delta_weights)
+        atomic_write_text(json.dumps({"steps": cfg.steps}) + "\n", out / FINISHED)
+        if cfg.delete_checkpoints_when_done:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
