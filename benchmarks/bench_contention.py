@@ -14,7 +14,7 @@ count is part of a result's bit pattern (summation order), so only settings that
 thread count can be adopted without changing committed results; the others are listed to show what
 they would buy. Nothing is asserted.
 
-    python benchmarks/bench_contention.py [--steps 15] [--warmup 3] [--json out.json]
+    python benchmarks/bench_contention.py [--steps 15] [--warmup 3] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 #: name -> (threads, extra environment); the first is today's setting of the image stages
-SETTINGS: dict[str, tuple[int, dict[str, str]]] = {
+SETTINGS: dict[str, tuple[int, dict[str, str] | None]] = {
     "2 threads, OpenMP default wait policy (before)": (2, {}),
+    "2 threads, as the stages set it (the wait policy from the free cores at start)": (2, None),
     "2 threads, OMP_WAIT_POLICY=PASSIVE": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "2 threads, GOMP_SPINCOUNT=1000": (2, {"GOMP_SPINCOUNT": "1000"}),
     "2 threads, GOMP_SPINCOUNT=10000": (2, {"GOMP_SPINCOUNT": "10000"}),
     "1 thread, OpenMP default": (1, {}),
     "1 thread, OMP_WAIT_POLICY=PASSIVE": (1, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -69,16 +71,25 @@ def child(steps: int, warmup: int) -> dict:
         optimizer.step()
         times.append(time.perf_counter() - tic)
     return {"median_ms": 1e3 * statistics.median(times[warmup:]), "threads": torch.get_num_threads(),
-            "batch": shape[0]}
+            "batch": shape[0], "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
 
 
-def measure(threads: int, extra_env: dict[str, str], steps: int, warmup: int, busy: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **extra_env})
+def measure(threads: int, extra_env: dict[str, str] | None, steps: int, warmup: int, busy: bool) -> dict:
+    """``extra_env`` None: the variables ``replication.stage.thread_environment`` sets, decided when
+    the case starts (after the busy process has started), as a stage's runner decides them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     spinner = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
     try:
         if spinner is not None:
             time.sleep(0.5)  # the busy process is running before the first step
+        if extra_env is None:
+            sys.path.insert(0, str(ROOT))
+            from replication.stage import free_cores, thread_environment
+
+            env.update(thread_environment(threads, env, free_cores()))
+        else:
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **extra_env})
         out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(steps),
                               "--warmup", str(warmup)], env=env, capture_output=True, text=True,
                              check=True).stdout
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="alone/busy pairs per setting (median)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -101,20 +113,24 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     rows = []
     for name, (threads, extra) in SETTINGS.items():
-        alone = measure(threads, extra, args.steps, args.warmup, busy=False)
-        busy = measure(threads, extra, args.steps, args.warmup, busy=True)
-        rows.append({"setting": name, "alone_ms": alone["median_ms"], "busy_ms": busy["median_ms"]})
+        runs = [(measure(threads, extra, args.steps, args.warmup, busy=False),
+                 measure(threads, extra, args.steps, args.warmup, busy=True)) for _ in range(args.repeats)]
+        alone, busy = runs[-1]
+        rows.append({"setting": name, "alone_ms": statistics.median(a["median_ms"] for a, _ in runs),
+                     "busy_ms": statistics.median(b["median_ms"] for _, b in runs),
+                     "policy_alone": alone["wait_policy"], "policy_busy": busy["wait_policy"]})
         print(f"  {name}: alone {alone['median_ms']:.0f} ms, beside busy {busy['median_ms']:.0f} ms",
               file=sys.stderr)
     before = rows[0]["alone_ms"]
     print(f"UNet training step, batch {alone['batch']}, {os.cpu_count()} cores, median of {args.steps} "
-          f"steps after {args.warmup} warm-up, each setting in a fresh process")
-    print("| setting | alone ms | beside one busy process ms | busy / alone | alone / before |")
-    print("|:--|--:|--:|--:|--:|")
+          f"steps after {args.warmup} warm-up, median of {args.repeats} fresh processes per cell")
+    print("| setting | wait policy alone / busy | alone ms | beside one busy process ms | busy / alone "
+          "| alone / before |")
+    print("|:--|:--|--:|--:|--:|--:|")
     for r in rows:
         r["busy_over_alone"] = r["busy_ms"] / r["alone_ms"]
         r["alone_over_before"] = r["alone_ms"] / before
-        print(f"| {r['setting']} | {r['alone_ms']:.0f} | {r['busy_ms']:.0f} | "
+        print(f"| {r['setting']} | {r['policy_alone']} / {r['policy_busy']} | {r['alone_ms']:.0f} | {r['busy_ms']:.0f} | "
               f"{r['busy_over_alone']:.2f}x | {r['alone_over_before']:.2f}x |")
     result = {"rows": rows, "cores": os.cpu_count(), "steps": args.steps}
     if args.json:

@@ -40,6 +40,64 @@ def notebook_from_py(path: Path):
     return nb
 
 
+#: the OpenMP wait policy that lets a waiting thread sleep instead of spinning
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def cpu_times(stat_text: str) -> tuple[int, int]:
+    """``(idle, total)`` jiffies of the aggregate ``cpu`` line of ``/proc/stat`` (idle + iowait
+    count as idle)."""
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:]]
+            return values[3] + (values[4] if len(values) > 4 else 0), sum(values[:8])
+    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+
+
+def free_cores(sample_seconds: float = 0.3, stat_path: str = "/proc/stat") -> float | None:
+    """Cores left idle by everything else over ``sample_seconds`` (``n_cores * idle fraction``,
+    from two reads of ``/proc/stat``), or None where that file does not exist."""
+    try:
+        idle0, total0 = cpu_times(Path(stat_path).read_text())
+        time.sleep(sample_seconds)
+        idle1, total1 = cpu_times(Path(stat_path).read_text())
+    except (OSError, ValueError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def thread_environment(threads: int, environ: dict[str, str], free: float | None) -> dict[str, str]:
+    """The variables to add to ``environ`` for a stage that runs ``threads`` OpenMP threads, given
+    ``free`` idle cores (None: unknown). Nothing the user set is overridden.
+
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` are ``threads`` always: the thread count is part of a
+    result's bit pattern (summation order), so it does not follow the load. The wait policy does
+    not change a single bit, so it does: on a machine with fewer free cores than ``threads``,
+    spinning OpenMP threads wait for a partner that is descheduled, and the image stages' small
+    convolutions run several times slower (``benchmarks/bench_contention.py``); there
+    ``OMP_WAIT_POLICY=PASSIVE`` lets them sleep. On a free machine spinning is faster (no wake-up
+    per parallel region), so the default stays."""
+    env = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if var not in environ}
+    user_policy = "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ
+    if threads > 1 and not user_policy and free is not None and free < threads - 0.5:
+        env.update(PASSIVE)
+    return env
+
+
+def set_thread_environment(threads: int) -> dict[str, str]:
+    """Apply ``thread_environment`` to ``os.environ`` (which the kernel inherits); returns what it added."""
+    free = free_cores() if threads > 1 else None
+    added = thread_environment(threads, dict(os.environ), free)
+    os.environ.update(added)
+    if "OMP_WAIT_POLICY" in added:
+        print(f"machine busy ({free:.1f} of {os.cpu_count()} cores free): this stage's {threads} OpenMP "
+              f"threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE; results are bit-identical)",
+              file=sys.stderr)
+    return added
+
+
 #: the notebook kernel logs only critical messages: its start-up notice about the local TCP
 #: transport and its shutdown-time "KeyboardInterrupt caught in kernel" are not the user's business
 #: (errors in the notebook still fail the stage through papermill)
@@ -64,9 +122,7 @@ def _execute(spec: StageSpec, params: dict, tmp_dir: Path, root: Path, progress:
     source = tmp_dir / f"{nb_name}.source.ipynb"
     nbformat.write(notebook_from_py(root / spec.notebook), source)
     executed = tmp_dir / f"{nb_name}.ipynb"
-    # the kernel inherits this process's environment; a user's own OMP_NUM_THREADS wins
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(spec.threads))
+    set_thread_environment(spec.threads)  # the kernel inherits this process's environment
     quiet_kernel()
     papermill.execute_notebook(
         str(source), str(executed), kernel_name="python3", cwd=str(root),
@@ -103,8 +159,7 @@ def validated(name: str, params_path: Path | None, root: Path = REPO_ROOT):
 
 def run_module_stage(spec: ModuleStage, all_params: dict, progress: bool = True):
     """Call a module stage's function with its validated sections; returns its summary."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(spec.threads))
+    set_thread_environment(spec.threads)
     configs = {name: section(all_params, name) for name in spec.sections}
     return spec.function()(configs, progress)
 
