@@ -189,8 +189,11 @@ def run_stage(configs: dict[str, SD15TrainConfig], progress: bool) -> dict[str, 
     return {"pipeline": str(pipeline), "steps": cfg.steps}
 
 
-def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the saved pipeline folder."""
+def train(cfg: SD15TrainConfig, progress: bool = True, save: bool = True) -> Path:
+    """Run (or resume) training; returns the saved pipeline folder.
+
+    ``save=False`` writes no checkpoint and no pipeline (only ``config.yaml`` and the log): the
+    step-cost measurements of ``replication.sd15.gpu_smoke``, whose runs are thrown away."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
@@ -315,13 +318,13 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             step_seconds, timed_steps = 0.0, 0
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if save and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
     bar.close()
 
     accelerator.wait_for_everyone()
     final = out / "pipeline"
-    if accelerator.is_main_process:
+    if save and accelerator.is_main_process:
         unet = accelerator.unwrap_model(student)
         if ema is not None:
             ema.store(unet.parameters())
