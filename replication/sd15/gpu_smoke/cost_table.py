@@ -214,10 +214,10 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
          f"float32 finite-difference passes cost more than these counts say"),
         lambda: ratio(m.cases("perflow", m.precision), m.cases("perflow_ma", m.precision, m.fd_fp32)))
     add("MA finite differences in fp32 / in fp16, step time",
-        ("no estimate", "the pass counts are the same; the fp32 slow-down depends on the GPU"),
+        ("none", "no estimate: the pass counts are the same; the fp32 slow-down depends on the GPU"),
         lambda: ratio(m.cases("perflow_ma", "fp16", False), m.cases("perflow_ma", "fp16", True)))
     add("PeRFlow bf16 / fp16, step time",
-        ("no estimate", "the pass counts are the same"),
+        ("none", "no estimate: the pass counts are the same"),
         lambda: ratio(m.cases("perflow", "fp16"), m.cases("perflow", "bf16")))
 
     # ---- memory
@@ -294,7 +294,8 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
         return (", ".join(f"{d.rel_error:.2g} ({p})" for p, d in found),
                 f"measured on {m.device} (relative to the float32 VJP estimate, same probes)")
     add(f"MA finite difference vs VJP divergence, relative error at fd_step {ma_sec['ma']['fd_step']:g}",
-        ("no estimate", "bias O(fd_step) plus rounding O(u / fd_step); only the smoke run measures it"), divergence)
+        ("none", "no estimate: a bias O(fd_step) plus rounding O(u / fd_step) for unit roundoff u; only the "
+                 "smoke run measures it"), divergence)
 
     def resume():
         r = m.report.resume
@@ -303,7 +304,7 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
         return (f"{r.status}: killed after step {r.killed_after_step}, resumed at {r.resumed_at_step}, "
                 f"reached {r.final_step}", f"measured on {m.device}")
     add("kill (SIGKILL) and resume of `sd15_train`",
-        ("not run on a GPU", "tested on the CPU stand-ins (tests/test_gpu_smoke.py)"), resume)
+        ("not run on a GPU", "not measured: tested on the CPU stand-ins (tests/test_gpu_smoke.py)"), resume)
     return out
 
 
@@ -311,7 +312,7 @@ def render(table_rows: list[Row], report: SmokeReport | None, report_path: Path)
     lines = ["| quantity | value | how it was obtained |", "| --- | --- | --- |"]
     lines += [f"| {r.quantity} | {r.value} | {r.source} |" for r in table_rows]
     if report is None:
-        lines += ["", f"No GPU smoke report is committed ({report_path}): every figure is an estimate or says "
+        lines += ["", f"No GPU smoke report is committed ({report_path}): every figure is an estimate, or says "
                       "that none exists."]
     else:
         env = report.environment

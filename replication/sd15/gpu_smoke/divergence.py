@@ -50,14 +50,14 @@ def pass_precision(device: torch.device, precision: str) -> Iterator[None]:
 
 def vjp_estimate(field: VelocityField, x: torch.Tensor, t: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """``(B,)`` ``mean_p e_p^T (dv/dx) e_p`` by one vector-Jacobian product per probe set."""
-    return hutchinson_divergence(field, x, t, probes)[1].float()
+    return hutchinson_divergence(field, x, t, probes)[1]
 
 
 def fd_estimate(field: VelocityField, x: torch.Tensor, t: torch.Tensor, probes: torch.Tensor,
                 step: float) -> torch.Tensor:
     """``(B,)`` ``mean_p e_p . (v(x + step e_p) - v(x)) / step`` (no graph kept)."""
     with torch.no_grad():
-        return finite_difference_divergence(field, x, t, probes, step)[1].float()
+        return finite_difference_divergence(field, x, t, probes, step)[1]
 
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:

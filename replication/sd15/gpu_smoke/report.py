@@ -61,7 +61,7 @@ class TrainCase(Entry):
     sec_per_step: float | None = None
     sec_per_sample: float | None = None
     step_seconds: list[float] = field(default_factory=list)   # every logged step, warm-up included
-    losses: list[float] = field(default_factory=list)         # the logged total loss of every step
+    losses: list[float | None] = field(default_factory=list)  # the logged total loss of every step (None: not finite)
     overflow_skips: int | None = None
     peak_memory_mb: float | None = None
     peak_memory_kind: str | None = None
