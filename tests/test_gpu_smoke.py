@@ -176,31 +176,32 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path):
     from replication.sd15.gpu_smoke.training import Inputs, run_cases
 
     plan = _fake_plan({
-        "a": {"ma": False, "mixed_precision": "bf16", "batch_sizes": [1, 2, 4], "ma_fd_fp32": None},
+        "a": {"ma": False, "mixed_precision": "bf16", "batch_sizes": [4, 1, 2], "ma_fd_fp32": None},
         "b": {"ma": True, "mixed_precision": "no", "batch_sizes": [2, 4], "ma_fd_fp32": None},
-        "c": {"ma": True, "mixed_precision": "bf16", "batch_sizes": [4], "ma_fd_fp32": True},
+        "c": {"ma": True, "mixed_precision": "bf16", "batch_sizes": [8], "ma_fd_fp32": True},
     })
-    fail = {("bf16", 2): torch.cuda.OutOfMemoryError("CUDA out of memory."),
+    fail = {("bf16", 4): torch.cuda.OutOfMemoryError("CUDA out of memory."),
             ("no", 2): RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
-            ("bf16", 4): ValueError("a bug, not a full GPU")}
+            ("bf16", 8): ValueError("a bug, not a full GPU")}
     calls, seen = [], []
     entries = run_cases(plan, _recipe(), Inputs(tmp_path, tmp_path, tmp_path), torch.device("cpu"), "CPU: test",
                         "t", elapsed=lambda: 0.0, on_entry=seen.append, train_fn=_fake_train(fail, calls),
                         log=lambda msg: None)
     got = {(e.name, e.batch_size): e for e in entries}
     assert seen == entries and len(entries) == 6
-    assert [(p, b) for p, b, _, _ in calls] == [("bf16", 1), ("bf16", 2), ("no", 2), ("bf16", 4)]
+    # ascending batch size across cases; b's batch 4 is never tried after its batch 2 ran out of memory
+    assert [(p, b) for p, b, _, _ in calls] == [("bf16", 1), ("bf16", 2), ("no", 2), ("bf16", 4), ("bf16", 8)]
     assert all(save is False for *_, save in calls)  # no checkpoint, no pipeline
-    a1 = got[("a", 1)]
-    assert a1.status == "ok" and not a1.oom
-    assert math.isclose(a1.sec_per_step, (1.3 + 1.4 + 1.5) / 3)  # the 3 timed steps after 2 warm-up steps
-    assert math.isclose(a1.sec_per_sample, a1.sec_per_step / 1) and a1.peak_memory_mb == 500.0
-    assert len(a1.step_seconds) == 5
-    for key in (("a", 2), ("b", 2)):
+    a2 = got[("a", 2)]
+    assert a2.status == "ok" and not a2.oom and a2.method == "perflow" and a2.mixed_precision == "bf16"
+    assert math.isclose(a2.sec_per_step, 2 + (0.3 + 0.4 + 0.5) / 3)  # the 3 timed steps after 2 warm-up steps
+    assert math.isclose(a2.sec_per_sample, a2.sec_per_step / 2) and a2.peak_memory_mb == 500.0
+    assert len(a2.step_seconds) == 5 and a2.losses == [0.5] * 5
+    for key in (("a", 4), ("b", 2)):
         assert got[key].status == "oom" and got[key].oom and got[key].sec_per_step is None
-    for key, batch in ((("a", 4), 2), (("b", 4), 2)):
-        assert got[key].status == "skipped" and f"batch {batch} of this case ran out of memory" in got[key].reason
-    assert got[("c", 4)].status == "error" and not got[("c", 4)].oom and "ValueError" in got[("c", 4)].reason
+        assert "allocate" in got[key].reason or "out of memory" in got[key].reason
+    assert got[("b", 4)].status == "skipped" and "batch 2 of this case ran out of memory" in got[("b", 4)].reason
+    assert got[("c", 8)].status == "error" and not got[("c", 8)].oom and "ValueError" in got[("c", 8)].reason
 
 
 def test_cases_past_the_time_budget_are_skipped(tmp_path):
@@ -418,7 +419,7 @@ def fake_report(size="full") -> SmokeReport:
     return SmokeReport(
         schema=1, size=size, complete=True, started="2030-01-01T00:00:00+00:00", wall_s=400.0, environment=env,
         plan={}, recipe={},
-        components=Components(**_stamp(), kind="sd15", resolution=512, unet_params=859520964),
+        components=Components(**_stamp(), kind="sd15", image_size=512, unet_params=859520964),
         train=[_train("perflow", "fp16", 1, 0.5), _train("perflow", "fp16", 8, 2.0, peak=30 * 1024.0),
                _train("perflow", "fp16", 32, 0.0, status="oom"),
                _train("perflow_ma", "fp16", 1, 1.0, fd=True), _train("perflow_ma", "fp16", 8, 4.0, fd=True,
@@ -573,3 +574,41 @@ def test_the_tiny_command_runs_end_to_end(tmp_path):
     assert len(d) == 3 + 2 * 4 and all(x.status == "ok" for x in d.values())
     fp32 = [d[("fd", "fp32", h)].rel_error for h in plan.divergence.fd_steps]
     assert fp32 == sorted(fp32, reverse=True)  # in fp32 the O(step) bias dominates
+
+
+def test_the_smoke_profile_is_no_params_overlay(tmp_path):
+    """``python -m replication.profile gpu_smoke`` refuses it, naming the section it does not know."""
+    from replication.profile import apply_profile
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"^gpu_smoke = .*unknown params section"):
+        apply_profile("gpu_smoke", params, ROOT / "replication" / "profiles")
+    assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_the_sd15_builder_writes_a_folder_the_tier_loads(tmp_path, monkeypatch):
+    """``build_sd15_random`` with narrowed copies of the published configs (the same layout, small
+    widths): the folder passes the input check, loads with ``load_components``, and its scheduler
+    gives SD 1.5's noise table; a 512-px caption folder reads at 512 px."""
+    from replication.sd15 import vp
+    from replication.sd15.components import load_components
+    from replication.sd15.data import CaptionFolder
+    from replication.sd15.gpu_smoke import build
+    from replication.sd15.inputs import check_pipeline_dir
+
+    published = build.sd15_config
+    narrow = {"unet": {"block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 32, "sample_size": 8},
+              "vae": {"block_out_channels": [32, 32, 32, 32], "sample_size": 64},
+              "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "projection_dim": 32}}
+    monkeypatch.setattr(build, "sd15_config", lambda part: {**published(part), **narrow.get(part, {})})
+    out = build.build_sd15_random(tmp_path / "sd15")
+    assert check_pipeline_dir(out) == out and not (tmp_path / ".sd15.tmp").exists()
+    comps = load_components(out, torch.device("cpu"), torch.float32)
+    assert type(comps.student).__name__ == "UNet2DConditionModel" and len(comps.tokenizer) == 49408
+    assert torch.allclose(comps.alphas_cumprod, vp.sd15_alphas_cumprod(), rtol=1e-6)
+    assert build.saved_param_counts(out)["unet"] == build.n_params(comps.student)
+    data = build.build_captions(tmp_path / "captions", n_images=2, size=512)
+    item = CaptionFolder(data, comps.tokenizer, 512)[1]
+    assert item["pixel_values"].shape == (3, 512, 512) and item["input_ids"].shape == (77,)

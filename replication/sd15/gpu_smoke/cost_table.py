@@ -15,6 +15,7 @@ refused: it measures nothing about SD 1.5.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,10 +85,11 @@ def static_memory_bytes(unet: int, vae: int, text: int) -> dict[str, int]:
     """What a training process keeps besides activations: the student in fp32 with its gradient
     and two AdamW moments (16 bytes per parameter), the EMA copy (4), the fp16 teacher (2), the fp16
     VAE and text encoder (2 each)."""
-    return {"student, gradient, AdamW": 16 * unet, "EMA": 4 * unet, "teacher": 2 * unet,
-            "VAE, text encoder": 2 * (vae + text)}
+    return {"student with gradient and AdamW moments": 16 * unet, "EMA": 4 * unet, "fp16 teacher": 2 * unet,
+            "fp16 VAE and text encoder": 2 * (vae + text)}
 
 
+@functools.cache
 def sd15_param_counts() -> dict[str, int]:
     """Parameters of the published SD 1.5 configs, built on the meta device (nothing allocated)."""
     import torch
@@ -97,6 +99,11 @@ def sd15_param_counts() -> dict[str, int]:
     with torch.device("meta"):
         unet, vae, text = sd15_modules()
     return {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text)}
+
+
+def _first(value):
+    """A scalar setting, or the first of a swept list (the estimate's pass count)."""
+    return value[0] if isinstance(value, list) else value
 
 
 def _gib(n_bytes: float) -> str:
@@ -222,7 +229,7 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
 
     # ---- memory
     static = static_memory_bytes(counts["unet"], counts["vae"], counts["text_encoder"])
-    static_text = (f"estimated: static state only ({', '.join(f'{k} {_gib(v)}' for k, v in static.items())}); "
+    static_text = (f"estimated: static state only ({'; '.join(f'{k} {_gib(v)}' for k, v in static.items())}); "
                    f"activations not estimated")
 
     def memory(method: str, precision: str, fd_fp32: bool | None):
@@ -267,9 +274,10 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
     teacher = next((s for s in ev["models"].values() if s["scheduler"] == "dpm_solver"), None)
     settings = []
     if student is not None:
-        settings += [("perflow", "PeRFlow student", steps, student["guidance"]) for steps in student["steps"]]
+        settings += [("perflow", "PeRFlow student", steps, _first(student["guidance"])) for steps in student["steps"]]
     if teacher is not None:
-        settings += [("dpm_solver", "teacher, DPM-Solver", steps, teacher["guidance"]) for steps in teacher["steps"]]
+        settings += [("dpm_solver", "teacher, DPM-Solver", steps, _first(teacher["guidance"]))
+                     for steps in teacher["steps"]]
     for scheduler, label, steps, guidance in settings:
         passes = steps * (2 if guidance > 1 else 1)
 

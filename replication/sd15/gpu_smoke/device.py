@@ -65,6 +65,11 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def allocated_mb(device: torch.device) -> float | None:
+    """CUDA memory allocated now (None on CPU)."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def peak_memory_kind(device: torch.device) -> str:
     return "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss"
 

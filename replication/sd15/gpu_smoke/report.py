@@ -65,6 +65,7 @@ class TrainCase(Entry):
     overflow_skips: int | None = None
     peak_memory_mb: float | None = None
     peak_memory_kind: str | None = None
+    start_memory_mb: float | None = None   # CUDA memory still allocated when the case began (leftovers)
 
 
 @dataclass(kw_only=True)
@@ -133,7 +134,7 @@ class Components(Entry):
     """The random-weight pipeline folder and the caption folder the run built."""
 
     kind: str                    # "sd15" (the real configs) | "tiny"
-    resolution: int
+    image_size: int              # px of the caption folder's square images
     unet_params: int | None = None
     vae_params: int | None = None
     text_encoder_params: int | None = None

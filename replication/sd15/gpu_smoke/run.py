@@ -9,7 +9,7 @@ kill-and-resume check, generation, the divergence comparison. The plan is the ``
 ``sd15_train_perflow`` sections of ``--params`` (``replication/gpu/params.yaml``), the generation
 precision its ``sd15_eval.mixed_precision``. Every case is validated before anything is built: a
 bad key stops the command in seconds with exit status 2. The work folder is deleted at the end
-unless ``--keep-work`` (at full size it holds about 40 GB at its peak: the 4.3 GB pipeline and two
+unless ``--keep-work`` (at full size it holds about 32 GB at its peak: the 4.3 GB pipeline and two
 accelerate checkpoints of about 14 GB each).
 """
 
@@ -32,6 +32,8 @@ from .training import Inputs, case_config, recipe_section, schedule
 
 GPU_PARAMS = Path(__file__).resolve().parents[3] / "replication" / "gpu" / "params.yaml"
 RECIPE_SECTIONS = ("sd15_train", "sd15_train_perflow", "sd15_eval")
+#: set before any hub library is imported (they read them at import time)
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def load_recipe(params: str | Path = GPU_PARAMS) -> dict:
@@ -68,7 +70,7 @@ def build_inputs(plan: SmokePlan, work: Path, stamp: dict) -> tuple[Inputs, Comp
     data_dir = build_captions(work / "captions", plan.captions.n_images, plan.captions.size)
     counts = saved_param_counts(model_dir)
     comp = Components(**stamp, wall_s=time.perf_counter() - tic, status="ok", kind=plan.components,
-                      resolution=plan.captions.size, unet_params=counts["unet"], vae_params=counts["vae"],
+                      image_size=plan.captions.size, unet_params=counts["unet"], vae_params=counts["vae"],
                       text_encoder_params=counts["text_encoder"], pipeline_bytes=folder_bytes(model_dir),
                       n_captions=plan.captions.n_images)
     return Inputs(model_dir, data_dir, work), comp
@@ -83,10 +85,11 @@ def run(size: str, out: Path, work: Path | None = None, keep_work: bool = False,
     from .resume import run_resume
     from .training import run_cases
 
+    for var in OFFLINE:  # nothing here may reach a hub
+        os.environ.setdefault(var, "1")
     plan = load_plan(size, profile)
     recipe = load_recipe(params)
     check_plan(plan, recipe)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
     device = run_device()
     env = environment(device)
     stamp = {"device": env.device, "torch": env.torch}
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=PROFILE, help="the gpu_smoke profile file")
     parser.add_argument("--params", type=Path, default=GPU_PARAMS, help="the GPU params (the training recipe)")
     args = parser.parse_args(argv)
+    for var in OFFLINE:
+        os.environ.setdefault(var, "1")
     try:
         run(args.size, args.out, args.work, args.keep_work, args.profile, args.params,
             log=lambda msg: print(msg, flush=True))

@@ -22,6 +22,7 @@ from typing import Any
 from ...config import deep_merge, from_dict
 from ..config import SD15TrainConfig
 from .device import (
+    allocated_mb,
     describe,
     is_oom,
     peak_memory_kind,
@@ -104,10 +105,11 @@ def run_case(name: str, case: TrainCasePlan, batch: int, plan: SmokePlan, recipe
     out = inputs.work_dir / "train" / f"{name}_b{batch}"
     steps = plan.warmup_steps + plan.timed_steps
     tic = time.perf_counter()
-    status, reason, oom = "ok", None, False
+    status, reason, oom, start = "ok", None, False, None
     try:
         cfg = case_config(recipe, plan, case.ma, case.mixed_precision, batch, case.ma_fd_fp32, out, inputs,
                           steps, where=f"gpu_smoke case {name}")
+        start = allocated_mb(device)
         reset_peak(device)
         train_fn(cfg, progress=False, save=False)
     except Exception as err:  # noqa: BLE001 (recorded; the run goes on with the next case)
@@ -119,7 +121,8 @@ def run_case(name: str, case: TrainCasePlan, batch: int, plan: SmokePlan, recipe
     rows = read_log(out)
     timed = [r for r in rows if r["step"] > plan.warmup_steps]
     entry = _entry(name, case, batch, plan, {**stamp, "wall_s": wall}, status=status, reason=reason, oom=oom,
-                   step_seconds=[r["sec_per_step"] for r in rows], losses=[r["total"] for r in rows])
+                   step_seconds=[r["sec_per_step"] for r in rows], losses=[r["total"] for r in rows],
+                   start_memory_mb=start)
     if rows:
         entry.overflow_skips = rows[-1]["overflow_skips"]
         entry.peak_memory_mb = max(r["peak_memory_mb"] for r in rows)
