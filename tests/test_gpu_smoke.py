@@ -612,3 +612,26 @@ def test_the_sd15_builder_writes_a_folder_the_tier_loads(tmp_path, monkeypatch):
     data = build.build_captions(tmp_path / "captions", n_images=2, size=512)
     item = CaptionFolder(data, comps.tokenizer, 512)[1]
     assert item["pixel_values"].shape == (3, 512, 512) and item["input_ids"].shape == (77,)
+
+
+@pytest.mark.parametrize(("change", "failed"), [
+    ({}, []),
+    ({"resumed_at_step": 0}, ["resumed_at_newest_checkpoint"]),          # started over
+    ({"steps_after_resume": [3, 4, 5]}, ["logged_the_steps_after_the_checkpoint"]),
+    ({"steps_after_resume": [4]}, ["logged_the_steps_after_the_checkpoint"]),
+    ({"first_exit": 0}, ["killed_by_sigkill"]),
+    ({"resume_exit": 1}, ["resume_exit_0"]),
+])
+def test_the_resume_checks_flag_each_departure(tmp_path, change, failed):
+    from replication.sd15.gpu_smoke.resume import resume_checks
+
+    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    fields = {"first_exit": -signal.SIGKILL, "resume_exit": 0, "checkpoint_step": 2, "resumed_at_step": 2,
+              "steps_after_resume": [3, 4], **change}
+    entry = ResumeCheck(**_stamp(), method="perflow_ma", mixed_precision="no", batch_size=1, **fields)
+    checks = resume_checks(entry, [0.1, 0.2], 4, tmp_path)
+    assert sorted(k for k, ok in checks.items() if not ok) == failed
+    assert not resume_checks(entry, [0.1, float("nan")], 4, tmp_path)["finite_losses"]
+    assert not resume_checks(entry, [0.1, 0.2], 5, tmp_path)["final_checkpoint_written"]

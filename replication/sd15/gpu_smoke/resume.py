@@ -59,19 +59,24 @@ def _section(recipe: dict, plan: SmokePlan, inputs: Inputs, out: Path, steps: in
     return case_section(*args)
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group (it was started with ``start_new_session``: its data-loader
+    workers go with it) and reap it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> bool:
     """SIGKILL ``proc``'s process group once ``ready()``; False if it exited or timed out first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
             return True
         if proc.poll() is not None:
             return False
         time.sleep(poll_s)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     return False
 
 
@@ -143,22 +148,29 @@ def _run(plan: SmokePlan, recipe: dict, inputs: Inputs, entry: ResumeCheck, log:
     same_step = entry.checkpoint_step + 1
     entry.loss_before_kill = next((row["total"] for row in before if row["step"] == same_step), None)
     entry.loss_after_resume = next((row["total"] for row in rows if row["step"] == same_step), None)
-    entry.checks = {
-        "killed_by_sigkill": entry.first_exit == -signal.SIGKILL,
-        "resume_exit_0": done.returncode == 0,
-        "resumed_at_newest_checkpoint": entry.resumed_at_step == entry.checkpoint_step,
-        "logged_the_steps_after_the_checkpoint": entry.steps_after_resume == list(
-            range(entry.checkpoint_step + 1, final + 1)),
-        "finite_losses": bool(rows) and all(math.isfinite(row["total"]) for row in rows),
-        "final_checkpoint_written": (out / "checkpoints" / f"checkpoint-{final}").is_dir(),
-        "pipeline_written": (out / "pipeline" / "model_index.json").is_file(),
-    }
+    entry.checks = resume_checks(entry, [row["total"] for row in rows], final, out)
     failed = [name for name, ok in entry.checks.items() if not ok]
     if failed:
         entry.status = "failed"
         entry.reason = f"checks failed: {failed}; {_tail(root / 'resume.log')}"
     log(f"[gpu_smoke] resume: {entry.status}; resumed at step {entry.resumed_at_step}, logged "
         f"{entry.steps_after_resume}")
+
+
+def resume_checks(entry: ResumeCheck, losses: list[float], final: int, out: Path) -> dict[str, bool]:
+    """What a correct kill and resume shows: the first run died of SIGKILL, the rerun exited 0,
+    reported resuming at the newest checkpoint, logged exactly the steps after it up to ``final``
+    with finite ``losses``, and wrote its last checkpoint and its pipeline under ``out``."""
+    return {
+        "killed_by_sigkill": entry.first_exit == -signal.SIGKILL,
+        "resume_exit_0": entry.resume_exit == 0,
+        "resumed_at_newest_checkpoint": entry.resumed_at_step == entry.checkpoint_step,
+        "logged_the_steps_after_the_checkpoint": entry.steps_after_resume == list(
+            range(entry.checkpoint_step + 1, final + 1)),
+        "finite_losses": bool(losses) and all(math.isfinite(v) for v in losses),
+        "final_checkpoint_written": (out / "checkpoints" / f"checkpoint-{final}").is_dir(),
+        "pipeline_written": (out / "pipeline" / "model_index.json").is_file(),
+    }
 
 
 def _tail(path: Path, lines: int = 3) -> str:
