@@ -5,6 +5,7 @@ Conventions (docs/method.md, section 1): ``t = 0`` is noise, ``t = 1`` is data, 
 
 from .divergence import (
     batch_jacobian,
+    default_jacobian_method,
     divergence_fn,
     exact_divergence,
     hutchinson_divergence,
@@ -65,6 +66,7 @@ __all__ = [
     "WindowBankSampler",
     "WindowBatch",
     "batch_jacobian",
+    "default_jacobian_method",
     "delta_field",
     "derive_seed",
     "divergence_fn",

@@ -47,15 +47,17 @@ def flow_with_logdet(
     generator: torch.Generator | None = None,
     fd_step: float = 1e-3,
     probes: torch.Tensor | None = None,
+    jacobian_method: str | None = None,
 ) -> FlowWithLogDet:
     """Solve the augmented ODE ``d(x, L)/ds = (v, div v)`` over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``).
 
     Probes (Hutchinson) stay fixed over the solve; ``probes`` ``(P, B, ...)``, when given, are used
     instead of drawing them from ``generator``. With ``create_graph`` the result is differentiable
     in the field's parameters (training); otherwise it is detached step by step (evaluation).
+    ``jacobian_method``: how the exact divergence is computed (``divergence.batch_jacobian``).
     """
     div = divergence_fn(field, divergence, n_probes, probe_kind, create_graph, x0, generator, fd_step,
-                        probes)
+                        probes, jacobian_method)
 
     def dynamics(state, t):
         return div(state[0], t)
@@ -67,13 +69,15 @@ def flow_with_logdet(
 
 
 def euler_map_with_logdet(
-    field: VelocityField, x0: torch.Tensor, t_grid: torch.Tensor, create_graph: bool = False
+    field: VelocityField, x0: torch.Tensor, t_grid: torch.Tensor, create_graph: bool = False,
+    jacobian_method: str | None = None,
 ) -> FlowWithLogDet:
     """Exact ``log|det|`` of the Euler map over ``t_grid`` (``(n+1,)`` or ``(n+1, B)``; low dimension).
 
     Per step ``x <- x + h v(x, t)`` the Jacobian is ``I + h J_v``; ``logdet = sum_n log|det(I + h_n J_n)|``.
     Where a step folds space (``det <= 0``) the map is not injective and ``log q = log p - logdet``
     keeps one preimage only: a lower bound on the true ``log q``. ``create_graph`` keeps it differentiable.
+    ``jacobian_method``: how ``J_n`` is computed (``divergence.batch_jacobian``; None: the default).
     """
     grid = batch_grid(t_grid, x0.shape[0])
     x = x0 if create_graph else x0.detach()
@@ -83,7 +87,7 @@ def euler_map_with_logdet(
     folded = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(grid.shape[0] - 1):
         h = grid[i + 1] - grid[i]
-        v, jac = batch_jacobian(field, x, grid[i], create_graph)
+        v, jac = batch_jacobian(field, x, grid[i], create_graph, jacobian_method)
         sign, logabs = torch.linalg.slogdet(eye + h[:, None, None] * jac)
         logdet = logdet + logabs
         folded |= sign.detach() <= 0

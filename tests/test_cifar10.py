@@ -34,6 +34,7 @@ from replication.stage import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PARAMS = "replication/gpu/params.yaml"
+TRAINING_STAGES = ("cifar10_teacher", "cifar10_students")
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -87,10 +88,11 @@ def test_loader_names_the_missing_file_and_where_it_goes(tmp_path):
 
 def test_references_have_sources_and_match_the_design_numbers():
     refs = load_cifar10_references()
-    fids = {e["method"]: e["fid"] for e in refs["entries"]}
-    assert fids["1-Rectified Flow"] == 2.58 and fids["2-Rectified Flow (distilled)"] == 4.85
+    fids = {(e["method"], e["fields"]["solver"]): e["fid"] for e in refs["entries"]}
+    assert fids[("1-Rectified Flow", "RK45 (adaptive)")] == 2.58 and fids[("2-Rectified Flow (+Distill)", "Euler")] == 4.85
+    assert fids[("2-Rectified Flow", "Euler")] == 12.21  # undistilled, one Euler step: Liu et al. Table 1(a)
     assert all(e["source"] and e["protocol_spec"]["samples"] == 50000 for e in refs["entries"])
-    assert fids["reflow / PeRFlow + MA (paper)"] == "unknown"
+    assert fids[("reflow / PeRFlow + MA (paper)", "unknown")] == "unknown"
 
 
 
@@ -165,7 +167,7 @@ def test_every_stage_runs_through_the_stage_runner_on_cpu(tmp_path, capsys):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith('stage cifar10_teacher: {"steps": 2,')
-    teacher_ckpt = tmp_path / "ckpt" / "teacher" / "last.pt"
+    teacher_ckpt = tmp_path / "ckpt" / "teacher" / "final.pt"
     assert isinstance(torch.load(teacher_ckpt, weights_only=True)["model"]["unet.conv_in.weight"], torch.Tensor)
     assert run_stage("cifar10_pairs", path, capsys) == {"shards": 2, "n_pairs": 4}
     assert len(list((tmp_path / "ckpt" / "pairs").glob("pairs_seed*.pt"))) == 2
@@ -188,7 +190,7 @@ def test_every_stage_runs_through_the_stage_runner_on_cpu(tmp_path, capsys):
     assert run_stage("cifar10_teacher", path, capsys)["steps"] == 2
     assert teacher_ckpt.read_bytes() == before
     # a changed key takes effect: the students' runs start over with it
-    reflow_ckpt = tmp_path / "ckpt" / "students" / "reflow" / "seed0" / "last.pt"
+    reflow_ckpt = tmp_path / "ckpt" / "students" / "reflow" / "seed0" / "final.pt"
     old = torch.load(reflow_ckpt, weights_only=True)
     path.write_text(yaml.safe_dump(with_value(params, ("cifar10_students", "lr"), 5e-4)))
     run_stage("cifar10_students", path, capsys)
@@ -346,7 +348,8 @@ def test_the_gpu_params_sections_validate_and_match_dvc():
     assert {s.name for s in tier_stages} <= set(dvc)
     for spec in tier_stages:
         stage = dvc[spec.name]
-        assert stage["cmd"] == f"python -m replication.stage {spec.name}"
+        launcher = "accelerate launch" if spec.name in TRAINING_STAGES else "python"  # training spans GPUs
+        assert stage["cmd"] == f"{launcher} -m replication.stage {spec.name}"
         (listed,) = stage["params"]
         assert listed == {GPU_PARAMS: list(spec.sections)}, spec.name
         assert "replication/cifar10" in stage["deps"]

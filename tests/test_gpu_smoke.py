@@ -625,7 +625,7 @@ def test_the_sd15_builder_writes_a_folder_the_tier_loads(tmp_path, monkeypatch):
 def test_the_resume_checks_flag_each_departure(tmp_path, change, failed):
     from replication.sd15.gpu_smoke.resume import resume_checks
 
-    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "finished.json").write_text('{"steps": 4}')
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")
     fields = {"first_exit": -signal.SIGKILL, "resume_exit": 0, "checkpoint_step": 2, "resumed_at_step": 2,
@@ -634,4 +634,4 @@ def test_the_resume_checks_flag_each_departure(tmp_path, change, failed):
     checks = resume_checks(entry, [0.1, 0.2], 4, tmp_path)
     assert sorted(k for k, ok in checks.items() if not ok) == failed
     assert not resume_checks(entry, [0.1, float("nan")], 4, tmp_path)["finite_losses"]
-    assert not resume_checks(entry, [0.1, 0.2], 5, tmp_path)["final_checkpoint_written"]
+    assert not resume_checks(entry, [0.1, 0.2], 5, tmp_path)["finished_at_the_final_step"]

@@ -83,7 +83,8 @@ def test_training_writes_pipeline_delta_weights_checkpoints_and_log(trained, tin
     from safetensors.torch import load_file
 
     out = trained / "run"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    # checkpoints_total_limit 1 (the default, for the disk): the newest only, kept after the run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [2] and {"tm", "ma", "total"} <= set(log[0])
     assert abs(log[0]["total"] - (log[0]["tm"] + 0.5 * log[0]["ma"])) < 1e-5
@@ -178,18 +179,18 @@ def test_coco_evaluation_of_student_and_teacher(trained, tiny_sd, coco_folder, t
         coco_dir=str(coco_folder), output_dir=str(tmp_path / "eval"), n_prompts=4, resolution=16, batch_size=3,
         fid_extractor="tiny-test-fid", clip_model=register_tiny_clip(), clip_pretrained="",
         mixed_precision="no",
-        models={"student": ModelSpec(path=str(trained / "run" / "pipeline"), steps=[4], guidance=1.0),
-                "teacher": ModelSpec(path=str(tiny_sd), scheduler="ddim", steps=[1, 2], guidance=2.0)})
+        models={"student": ModelSpec(path=str(trained / "run" / "pipeline"), steps=[4], guidance=[1.0]),
+                "teacher": ModelSpec(path=str(tiny_sd), scheduler="ddim", steps=[1, 2], guidance=[2.0])})
     metrics = evaluate(cfg, device=torch.device("cpu"), progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     rows = {(r["model"], r["steps"]): r for r in saved["rows"]}
     assert set(rows) == {("student", 4), ("teacher", 1), ("teacher", 2)}
     assert all(r["fid"] > 0 and -1 <= r["clip"] <= 1 for r in rows.values())
-    # the first caption (lowest annotation id) of the 4 lowest image ids, one image per seed
+    # the 4 lowest image ids (each with its first caption in the file's order), one image per seed
     ann = json.loads((coco_folder / "annotations" / "captions_val2017.json").read_text())
     ids = sorted(img["id"] for img in ann["images"])[:4]
-    names = sorted(p.name for p in (tmp_path / "eval" / "images" / "student" / "steps_4").iterdir())
+    names = sorted(p.name for p in (tmp_path / "eval" / "images" / "student" / "steps_4_guidance_1").iterdir())
     assert names == [f"{i:012d}.png" for i in ids]
     table = (tmp_path / "eval" / "comparison.md").read_text()
-    assert "| marflow (this run) | student | 4 |" in table and "| 22.97 | 0.294 |" in table
+    assert "| marflow (this run) | student | 4 | 1 |" in table and "| 22.97 | 0.294 |" in table

@@ -22,6 +22,7 @@ from marflow_core.unet import UNetConfig
 
 from ..common.students import StudentSpec, check_window_weights, unused_pairing_sections
 from ..config import check_device, check_nfe_list, require, require_each
+from ..gpu_common.accelerate_train import PRECISIONS
 
 SIZE, CHANNELS = 32, 3
 OUTPUTS = "replication/gpu/outputs/cifar10"
@@ -75,21 +76,85 @@ class Cifar10Config:
             require(False, f"{where}.model.{err.key}", err.value, err.why)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The accelerate trainer's keys of the two training sections (replication/gpu_common/accelerate_train.py)
+# ---------------------------------------------------------------------------------------------------
+#: Rectified Flow's EMA decays on CIFAR-10 (gnobitab/RectifiedFlow, ImageGeneration/configs/
+#: rectified_flow/): ``model.ema_rate = 0.999999`` for the 1-rectified flow
+#: (``cifar10_rf_gaussian_ddpmpp.py``) and ``0.9999`` for reflow (``cifar10_rf_gaussian_reflow_train.py``,
+#: also its distillation configs), both with the warm-up ``min(decay, (1 + n) / (10 + n))`` of its
+#: ``models/ema.py`` (``replication/gpu_common/ema.py``).
+TEACHER_EMA_DECAY = 0.999999
+STUDENT_EMA_DECAY = 0.9999
+
+
 @dataclass
-class TeacherConfig(TrainConfig):
-    """Section ``cifar10_teacher``: flow-matching training of the teacher (1-rectified flow)."""
+class AccelerateKeys:
+    """How a CIFAR-10 training section runs on accelerate (``accelerate launch`` spreads it over
+    processes). ``batch_size`` (the ``TrainConfig`` key) is the *global* batch of one optimizer step,
+    split evenly over ``processes x grad_accum`` micro-batches (it must divide), so the same params
+    give the same computation on any number of GPUs. ``mixed_precision``: ``no`` (float32, Rectified
+    Flow's), ``fp16`` or ``bf16``; ``max_overflow_skips`` (fp16 only) consecutive GradScaler skips
+    stop the run. ``checkpoints_total_limit``: the newest accelerate checkpoints kept (null: all;
+    about 0.6 GB each for the 36M-parameter UNet: weights, Adam moments, EMA). ``ema_decay``: the
+    EMA's decay cap (``replication/gpu_common/ema.py``; 0: no EMA, the weights are used as trained); the
+    EMA is what the pair bank, the students' teacher, the FID and the samples use."""
+
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    max_overflow_skips: int = 20
+    checkpoints_total_limit: int | None = 2
+    ema_decay: float = STUDENT_EMA_DECAY
+
+    def check_accelerate_keys(self, where: str) -> None:
+        require(self.grad_accum >= 1, f"{where}.grad_accum", self.grad_accum, "must be >= 1")
+        require(self.mixed_precision in PRECISIONS, f"{where}.mixed_precision", self.mixed_precision,
+                f"one of {PRECISIONS}")
+        require(self.max_overflow_skips >= 1, f"{where}.max_overflow_skips", self.max_overflow_skips,
+                "must be >= 1")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+                f"{where}.checkpoints_total_limit", self.checkpoints_total_limit, "null or >= 1")
+        require(0 <= self.ema_decay < 1, f"{where}.ema_decay", self.ema_decay, "must lie in [0, 1) (0: no EMA)")
+
+    def accelerate_inactive(self) -> dict[str, str]:
+        unused = {"snapshot_every": "the accelerate trainer keeps the newest checkpoints_total_limit "
+                                    "checkpoints instead"}
+        if self.mixed_precision != "fp16":
+            unused["max_overflow_skips"] = "only mixed_precision = 'fp16' has a GradScaler that skips steps"
+        return unused
+
+    def computation(self) -> dict:
+        """The keys that change what training computes (part of a run's fingerprint)."""
+        return {"grad_accum": self.grad_accum, "mixed_precision": self.mixed_precision,
+                "ema_decay": self.ema_decay}
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig(TrainConfig, AccelerateKeys):
+    """Section ``cifar10_teacher``: flow-matching training of the teacher (1-rectified flow), with the
+    ``AccelerateKeys``."""
 
     steps: int = 200000
     lr: float = 2e-4
     warmup: int = 5000
     checkpoint_every: int = 5000
     log_every: int = 100
+    ema_decay: float = TEACHER_EMA_DECAY
+
+    def validate(self, where: str) -> None:
+        self.check_accelerate_keys(where)
+
+    def inactive_fields(self) -> dict[str, str]:
+        return self.accelerate_inactive()
 
 
 @dataclass
-class StudentsConfig(TrainConfig):
-    """Section ``cifar10_students``: every student starts from the teacher's weights and trains with
-    these optimizer settings. ``perflow``: the online window solve of PeRFlow students (starts from
+class StudentsConfig(TrainConfig, AccelerateKeys):
+    """Section ``cifar10_students``: every student starts from the teacher's trained (not averaged)
+    weights, as Rectified Flow's reflow does (``run_lib_reflow.py`` loads the checkpoint's ``model``,
+    its EMA teacher only solves for pairs), and trains with these optimizer settings and the
+    ``AccelerateKeys``. ``perflow``: the online window solve of PeRFlow students (starts from
     noised data); ``ma``: the MA settings shared by every student with ``ma: true`` (a student may
     override ``weight`` and ``substeps``), scored by the teacher cut off at ``t_max``.
 
@@ -121,6 +186,11 @@ class StudentsConfig(TrainConfig):
                 f"must be 0 with ma.divergence 'hutchinson_fd' (students {fd}): its two network "
                 f"evaluations would draw different dropout masks")
         check_window_weights(self.students, self.ma, where)
+        self.check_accelerate_keys(where)
+        if not self.inactive_fields().get("ma"):
+            require(self.ma.batch_fraction == 1, f"{where}.ma.batch_fraction", self.ma.batch_fraction,
+                    "must be 1: a fraction of each process's micro-batch is not a fraction of the "
+                    "global batch, so the step would depend on the process count")
 
     def student_unet(self, shared: UNetConfig) -> UNetConfig:
         """The students' UNet: ``shared`` with this section's ``dropout``."""
@@ -131,7 +201,7 @@ class StudentsConfig(TrainConfig):
         own = {key: why for key, why in unused.items() if key in ("perflow", "ma")}
         if "ma" in own:
             own["t_max"] = "only the MA term uses the teacher's score (no student has ma: true)"
-        return own
+        return {**own, **self.accelerate_inactive()}
 
     def runs(self) -> list[tuple[str, int]]:
         """Every ``(student, seed)`` training run, in order."""

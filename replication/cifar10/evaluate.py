@@ -1,6 +1,8 @@
 """The CIFAR-10 evaluation stage ``cifar10_fid``: Euler samples of the teacher and of every
 ``(student, seed)`` run at each NFE (``sample_few_step``), FID with torch-fidelity against the first
-training images, written to ``out_dir/fid.json`` next to the published reference numbers.
+training images, written to ``out_dir/fid.json`` next to the published reference numbers, each
+marked comparable with our rows or not (the protocol fields that differ named), and the same as a
+table in ``out_dir/comparison.md`` (``references.comparison_table``).
 
 Kept apart from ``tier.py`` (training) so that editing the evaluation changes no training run's code
 fingerprint.
@@ -19,7 +21,7 @@ from marflow_core import TimeWindows, sample_few_step, stream
 
 from .config import CHANNELS, SIZE, Cifar10Config, FIDConfig, StudentsConfig
 from .data import load_cifar10_uint8, to_uint8
-from .references import load_cifar10_references
+from .references import comparison_table, our_protocol
 from .tier import ckpt, load_student, load_teacher
 
 
@@ -93,7 +95,10 @@ def stage_fid(configs: dict, progress: bool = True) -> dict:
             rows.append({"model": name, "seed": seed, "windows": k, "nfe": nfe, "crosses_windows": nfe < k,
                          "fid": fid_score(images, reference, cfg, f), "n_samples": f.n_samples,
                          "n_reference": f.n_reference})
-    result = {"rows": rows, "feature_extractor": f.feature_extractor,
-              "references": load_cifar10_references()["entries"]}
+    protocol = our_protocol(f.n_samples, f.n_reference, f.feature_extractor)
+    table, references = comparison_table(rows, protocol)
+    result = {"rows": rows, "feature_extractor": f.feature_extractor, "protocol": protocol,
+              "references": references}
     (out_dir / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "comparison.md").write_text(table)
     return {"rows": rows, "written": str(out_dir / "fid.json")}

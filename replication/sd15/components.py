@@ -117,13 +117,28 @@ def save_student(student: torch.nn.Module, model_dir: str | Path, out_dir: Path,
     return final
 
 
-def merge_delta_weights(unet: torch.nn.Module, path: str | Path) -> None:
-    """Add PeRFlow-style delta weights (a safetensors file, same keys as ``unet``) to ``unet`` in place."""
-    from safetensors.torch import load_file
+def load_delta_weights(path: str | Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """PeRFlow-style delta weights as a state dict: a ``.safetensors`` file (marflow's
+    ``delta_weights.safetensors``), or a folder in diffusers' UNet layout loaded as PeRFlow's README
+    does (``UNet2DConditionModel.from_pretrained(path, variant=...)``, local files only)."""
+    path = Path(path)
+    if path.is_file():
+        from safetensors.torch import load_file
 
-    delta = load_file(str(path))
+        return load_file(str(path))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(path, variant=variant, local_files_only=True)
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+def merge_delta_weights(unet: torch.nn.Module, path: str | Path, variant: str | None = None) -> None:
+    """Add PeRFlow-style delta weights (``load_delta_weights``; same keys as ``unet``) to ``unet`` in
+    place, in float32: ``W = W_SD + dW``."""
+    delta = load_delta_weights(path, variant)
     state = unet.state_dict()
     if set(delta) != set(state):
         missing = sorted(set(state) - set(delta))[:3]
-        raise ValueError(f"{path}: delta weights do not match the UNet (missing e.g. {missing})")
-    unet.load_state_dict({k: (v.float() + delta[k].to(v.device)).to(v.dtype) for k, v in state.items()})
+        extra = sorted(set(delta) - set(state))[:3]
+        raise ValueError(f"{path}: delta weights do not match the UNet (missing e.g. {missing}, extra e.g. {extra})")
+    unet.load_state_dict({k: (v.float() + delta[k].to(v.device).float()).to(v.dtype) for k, v in state.items()})

@@ -102,7 +102,12 @@ class SD15TrainConfig(TrainConfig):
     continuous log-det on the whole batch. ``ma_fd_fp32`` runs the finite-difference MA passes in
     float32 under mixed precision (a step of 1e-2 is close to fp16 resolution of the activations).
     ``debug_dump``: a file to which step 1 writes its loss, gradient norm and flattened gradient
-    (all processes' average), for the multi-process test.
+    (all processes' average), for the multi-process test. Disk (docs/gpu.md, Disk budget): one
+    accelerate checkpoint of SD 1.5 is about 14 GB (fp32 student, AdamW moments, EMA), and saving
+    one keeps the previous until the new one is complete, so ``checkpoints_total_limit`` N takes
+    up to (N + 1) x 14 GB; ``delete_checkpoints_when_done`` deletes them once the final pipeline is
+    saved (``finished.json`` then records the run as finished: it is not trained again, and a
+    larger ``steps`` is refused, since nothing is left to resume from).
     """
 
     model_dir: str
@@ -126,7 +131,8 @@ class SD15TrainConfig(TrainConfig):
     gradient_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.9999
-    checkpoints_total_limit: int | None = 3
+    checkpoints_total_limit: int | None = 1
+    delete_checkpoints_when_done: bool = False
     dataloader_workers: int = 4
     save_delta_weights: bool = True
     debug_dump: str | None = None
@@ -207,6 +213,17 @@ class SD15TrainConfig(TrainConfig):
         return unused
 
 
+#: the evaluation's guidance sweep when a model lists none: the published protocol's low guidance
+#: (Rectified Diffusion's gen_5k.sh samples at 1.5) and the 4.5 our students sample at (PeRFlow's
+#: scripts/sd15_t2i_dW.py, 4 steps)
+DEFAULT_GUIDANCE: tuple[float, ...] = (1.5, 4.5)
+
+
+def _check_guidance(values: list[float]) -> tuple[str, Any, bool, str]:
+    return ("guidance", values, bool(values) and all(g >= 1.0 for g in values) and len(set(values)) == len(values),
+            "a non-empty list of CFG scales >= 1 (1.0 = none), each listed once")
+
+
 @dataclass
 class ModelSpec:
     """One model to evaluate: a local diffusers pipeline folder and how to sample it.
@@ -214,22 +231,30 @@ class ModelSpec:
     ``scheduler``: ``own`` (the folder's scheduler: our students carry marflow's PeRFlowScheduler),
     ``perflow`` (marflow's PeRFlowScheduler with ``perflow_windows`` / ``perflow_prediction_type``,
     e.g. for a published PeRFlow folder), ``ddim``, ``dpm_solver`` (DPMSolverMultistepScheduler),
-    ``euler``; ``steps`` the sampling step counts; ``guidance`` the CFG scale (1.0 = none);
-    ``delta_weights`` optional PeRFlow-style delta weights added to the folder's UNet.
+    ``euler``; ``steps`` the sampling step counts; ``guidance`` the CFG scales swept (1.0 = none;
+    every (steps, guidance) pair is one row); ``delta_weights`` optional PeRFlow-style delta weights
+    added to the folder's UNet: a ``.safetensors`` file (marflow's ``delta_weights.safetensors``) or
+    a folder in diffusers' UNet layout (the published ``hansyan/perflow-sd15-delta-weights``),
+    whose weight-file variant is ``delta_variant`` (e.g. ``v0-1``; null: the plain file).
     """
 
     path: str
     scheduler: str = "own"
     steps: list[int] = field(default_factory=lambda: [4, 8])
-    guidance: float = 4.5
+    guidance: list[float] = field(default_factory=lambda: list(DEFAULT_GUIDANCE))
     delta_weights: str | None = None
+    delta_variant: str | None = None
     perflow_windows: int = 4
     perflow_prediction_type: str = "diff_eps"
 
     def inactive_fields(self) -> dict[str, str]:
+        unused = {}
         if self.scheduler != "perflow":
-            return dict.fromkeys(("perflow_windows", "perflow_prediction_type"), "only scheduler = 'perflow' uses it")
-        return {}
+            unused.update(dict.fromkeys(("perflow_windows", "perflow_prediction_type"),
+                                        "only scheduler = 'perflow' uses it"))
+        if self.delta_weights is None:
+            unused["delta_variant"] = "delta_weights is null"
+        return unused
 
     def __post_init__(self) -> None:
         schedulers = ("own", "perflow", "ddim", "dpm_solver", "euler")
@@ -241,8 +266,61 @@ class ModelSpec:
             ("scheduler", self.scheduler, self.scheduler in schedulers, f"one of {schedulers}"),
             ("steps", self.steps, bool(self.steps) and all(s >= 1 for s in self.steps),
              "a non-empty list of step counts >= 1"),
-            ("guidance", self.guidance, self.guidance >= 1.0, "must be >= 1"),
+            _check_guidance(self.guidance),
         ])
+
+
+@dataclass
+class PublishedPeRFlowSpec:
+    """The published PeRFlow SD 1.5 delta weights, scored by this evaluator as one more model
+    (``perflow_published``); ``delta_weights: null`` leaves them out and the comparison's row says
+    "not provided".
+
+    ``delta_weights`` the downloaded ``hansyan/perflow-sd15-delta-weights`` folder (diffusers UNet
+    layout, weight variant ``variant``; PeRFlow's README loads ``v0-1``) or a delta ``.safetensors``
+    file; ``base`` the SD 1.5 folder they are added to (PeRFlow's ``merge_delta_weights_into_unet``:
+    ``W = W_SD + dW``); sampled with marflow's PeRFlowScheduler (``windows``, ``prediction_type``:
+    Rectified Diffusion's generate_5k.py samples these weights with ``diff_eps`` and 4 windows) at
+    every ``steps`` x ``guidance``.
+    """
+
+    delta_weights: str | None = None
+    base: str = ""
+    variant: str | None = "v0-1"
+    windows: int = 4
+    prediction_type: str = "diff_eps"
+    steps: list[int] = field(default_factory=lambda: [4, 8])
+    guidance: list[float] = field(default_factory=lambda: list(DEFAULT_GUIDANCE))
+
+    def inactive_fields(self) -> dict[str, str]:
+        if self.delta_weights is None:
+            return dict.fromkeys(("base", "variant", "windows", "prediction_type", "steps", "guidance"),
+                                 "delta_weights is null: the published PeRFlow row is not evaluated")
+        return {}
+
+    def __post_init__(self) -> None:
+        if self.delta_weights is None:
+            return
+        _check([
+            ("base", self.base, bool(self.base), "name the SD 1.5 folder the delta weights are added to"),
+            ("windows", self.windows, self.windows >= 1, "must be >= 1"),
+            ("prediction_type", self.prediction_type, self.prediction_type in TARGETS, f"one of {TARGETS}"),
+            ("steps", self.steps, bool(self.steps) and all(s >= self.windows for s in self.steps),
+             f"a non-empty list of step counts >= windows ({self.windows}): one step per window at least"),
+            _check_guidance(self.guidance),
+        ])
+
+    def model_spec(self) -> ModelSpec | None:
+        """The evaluated model (``base`` + delta weights, PeRFlow scheduler), None when not provided."""
+        if self.delta_weights is None:
+            return None
+        return ModelSpec(path=self.base, scheduler="perflow", steps=list(self.steps), guidance=list(self.guidance),
+                         delta_weights=self.delta_weights, delta_variant=self.variant,
+                         perflow_windows=self.windows, perflow_prediction_type=self.prediction_type)
+
+
+#: the name of the published PeRFlow row among the evaluated models
+PUBLISHED_PERFLOW = "perflow_published"
 
 
 @dataclass
@@ -250,12 +328,14 @@ class SD15EvalConfig:
     """COCO-2017 evaluation of any number of diffusers pipeline folders with one protocol.
 
     ``coco_dir`` holds ``annotations/captions_val2017.json`` and ``val2017/*.jpg``; ``n_prompts``
-    the first caption of the first N images by ascending image id; images of ``resolution`` px from
-    seeds ``seed + i``; FID (torch-fidelity, ``fid_extractor``) against the centre-cropped,
-    resized val images; CLIP score (open_clip ``clip_model`` / ``clip_pretrained``, or a local
+    the first N images by ascending image id, each with its first caption in the file's order;
+    images of ``resolution`` px from seeds ``seed + i``, at every guidance of each model; FID
+    (torch-fidelity, ``fid_extractor``) against the val images resized (Lanczos, short side) and
+    centre-cropped to ``resolution`` (the published protocol, ``replication/sd15/coco.py``); CLIP score (open_clip ``clip_model`` / ``clip_pretrained``, or a local
     ``clip_checkpoint`` file) as the mean cosine similarity (not x100), the scale of the reference
     table (0.294). ``fid_extractor`` ``inception-v3-compat`` is torch-fidelity's; a name registered
     with ``replication.sd15.metrics.register_extractor`` works too (tests register tiny ones).
+    ``published_perflow`` adds the published PeRFlow delta weights as one more model.
     """
 
     coco_dir: str
@@ -272,9 +352,12 @@ class SD15EvalConfig:
     clip_checkpoint: str | None = None
     mixed_precision: str = "fp16"
     keep_images: bool = True
+    published_perflow: PublishedPeRFlowSpec = field(default_factory=PublishedPeRFlowSpec)
 
     def __post_init__(self) -> None:
         _check([
+            ("models", self.models, PUBLISHED_PERFLOW not in self.models,
+             f"{PUBLISHED_PERFLOW!r} is the published PeRFlow row (published_perflow); name yours otherwise"),
             ("n_prompts", self.n_prompts, self.n_prompts >= 2, "FID needs >= 2 images"),
             ("resolution", self.resolution, self.resolution >= 8 and self.resolution % 8 == 0,
              "must be a multiple of 8, >= 8"),
@@ -282,3 +365,8 @@ class SD15EvalConfig:
             ("models", self.models, bool(self.models), "name at least one pipeline folder to evaluate"),
             ("mixed_precision", self.mixed_precision, self.mixed_precision in PRECISIONS, f"one of {PRECISIONS}"),
         ])
+
+    def evaluated_models(self) -> dict[str, ModelSpec]:
+        """``models`` and, when its delta weights are given, the published PeRFlow row (``PUBLISHED_PERFLOW``)."""
+        published = self.published_perflow.model_spec()
+        return {**self.models, **({PUBLISHED_PERFLOW: published} if published is not None else {})}

@@ -2,14 +2,18 @@
 
     python -m replication.stage sd15_eval [--params FILE]   (one process; generation is not sharded)
 
-The stage ``sd15_eval`` (``stages.py``) calls ``run_stage`` with its section, an ``SD15EvalConfig``. For each model and step count: images from the first caption of
-the first ``n_prompts`` val images, seed ``seed + i`` for image ``i``, at ``resolution`` px; FID
-against the centre-cropped val images and the CLIP score (cosine similarity). Writes
-``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside
-``replication/references/peers.yaml``); the generated images stay under ``output_dir/images/``.
-Inputs are checked first: a missing folder or file is one line on stderr, exit status 2, nothing written.
-The weights the scoring needs are among them (``check_metric_weights``: the FID extractor's and a
-local CLIP checkpoint), and the CLIP model is loaded before any image is generated.
+The stage ``sd15_eval`` (``stages.py``) calls ``run_stage`` with its section, an ``SD15EvalConfig``.
+For each model (the configured ones and, when its delta weights are given, the published PeRFlow
+row), step count and guidance scale: images from the first caption of the first ``n_prompts`` val
+images, seed ``seed + i`` for image ``i``, at ``resolution`` px; FID against the val images
+prepared as the published protocol does (``coco.py``) and the CLIP score (cosine similarity).
+Writes ``output_dir/metrics.json`` and ``output_dir/comparison.md`` (our rows beside every published
+SD 1.5 row of ``replication/references/peers.yaml``, each marked comparable or not with the
+differing protocol fields named); the generated images stay under ``output_dir/images/`` with
+``keep_images``. Inputs are checked first: a missing folder or file is one line on stderr, exit
+status 2, nothing written. The weights the scoring needs are among them (``check_metric_weights``:
+the FID extractor's, and the CLIP checkpoint, a named file or open_clip's cached download), and the
+CLIP model is loaded before any image is generated.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from PIL import Image
 from marflow_core.atomic import atomic_write_text
 
 from ..config import ConfigError
-from .config import ModelSpec, SD15EvalConfig
-from .inputs import check_coco_dir, check_pipeline_dir, check_weights_file, checked_inputs
+from .config import PUBLISHED_PERFLOW, ModelSpec, SD15EvalConfig
+from .inputs import check_coco_dir, check_delta_weights, check_pipeline_dir, check_weights_file, checked_inputs
 
 ClipFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
 
@@ -56,6 +60,37 @@ def check_metric_weights(cfg: SD15EvalConfig) -> None:
     if cfg.clip_checkpoint is not None:
         check_weights_file(cfg.clip_checkpoint, "clip_checkpoint", f"the {cfg.clip_model} CLIP checkpoint",
                            WEIGHTS_HINT)
+    elif cfg.clip_pretrained:
+        missing = open_clip_missing(cfg.clip_model, cfg.clip_pretrained)
+        if missing is not None:
+            check_weights_file(None, "clip_checkpoint", f"the {cfg.clip_model} CLIP weights "
+                               f"(clip_pretrained = {cfg.clip_pretrained!r}: {missing})", WEIGHTS_HINT)
+
+
+def open_clip_missing(model: str, pretrained: str) -> str | None:
+    """Why open_clip would download ``model`` / ``pretrained`` (no network here), None when it need
+    not: ``pretrained`` is a local file, or its hub file (``open_clip_model.safetensors`` or
+    ``open_clip_pytorch_model.bin``) is in the Hugging Face cache, or its URL download is in
+    ``~/.cache/clip`` (open_clip's ``download_pretrained``)."""
+    import open_clip
+
+    if Path(pretrained).is_file():
+        return None
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        return f"open_clip knows no pretrained weights {pretrained!r} for {model!r} and no such file exists"
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)  # a trailing "/": open_clip's default file name
+        names = ["open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+            return None
+        return f"{' or '.join(names)} of {repo} is not in the Hugging Face cache"
+    url = cfg.get("url", "")
+    cached = Path("~/.cache/clip").expanduser() / Path(url).name
+    return None if url and cached.is_file() else f"{cached} is not there"
 
 
 def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
@@ -63,8 +98,9 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
     returns the COCO paths."""
     from .coco import check_reference_images, coco_prompts
 
-    for name, spec in cfg.models.items():
-        path = check_pipeline_dir(spec.path, f"models.{name}.path", require_epsilon=False)
+    for name, spec in cfg.evaluated_models().items():
+        key = "published_perflow.base" if name == PUBLISHED_PERFLOW else f"models.{name}.path"
+        path = check_pipeline_dir(spec.path, key, require_epsilon=False)
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         windows = (spec.perflow_windows if spec.scheduler == "perflow" else
                    sched.get("num_time_windows", 1) if spec.scheduler == "own" and
@@ -73,8 +109,9 @@ def check_inputs(cfg: SD15EvalConfig) -> tuple[Path, Path]:
             raise ConfigError(f"models.{name}.steps = {spec.steps}: a PeRFlow scheduler with {windows} windows "
                               f"needs >= {windows} steps (one per window); fewer steps need a student trained "
                               f"with fewer windows")
-        if spec.delta_weights and not Path(spec.delta_weights).is_file():
-            raise ConfigError(f"models.{name}.delta_weights = {spec.delta_weights!r}: no such file")
+        if spec.delta_weights:
+            key = "published_perflow.delta_weights" if name == PUBLISHED_PERFLOW else f"models.{name}.delta_weights"
+            check_delta_weights(spec.delta_weights, spec.delta_variant, key)
     ann, images = check_coco_dir(cfg.coco_dir)
     check_reference_images(images, coco_prompts(ann, cfg.n_prompts))
     check_metric_weights(cfg)
@@ -90,7 +127,7 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
 
     pipe = load_sd_pipeline(spec.path, dtype=dtype)
     if spec.delta_weights:
-        merge_delta_weights(pipe.unet, spec.delta_weights)
+        merge_delta_weights(pipe.unet, spec.delta_weights, spec.delta_variant)
     config = pipe.scheduler.config
     if spec.scheduler == "perflow":
         pipe.scheduler = perflow_scheduler_from(config, spec.perflow_prediction_type, spec.perflow_windows)
@@ -151,7 +188,7 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
     metrics dict."""
     from .coco import coco_prompts, write_references
     from .metrics import ClipScorer, fid
-    from .references import comparison_table
+    from .references import NOT_PROVIDED, comparison_table, our_protocol
 
     ann, image_dir = check_inputs(cfg)
     if device is None:
@@ -161,31 +198,36 @@ def evaluate(cfg: SD15EvalConfig, clip_scorer: ClipFn | None = None, device: tor
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # fp16 convolutions are not implemented on CPU
-    if clip_scorer is None:  # loaded first: a CLIP model missing from open_clip's cache fails here
+    if clip_scorer is None:  # loaded before any image is generated
         clip_scorer = ClipScorer(cfg.clip_model, cfg.clip_checkpoint or cfg.clip_pretrained, device)
     prompts = coco_prompts(ann, cfg.n_prompts)
     out = Path(cfg.output_dir)
-    reference = write_references(image_dir, prompts, cfg.resolution, out / f"reference_{cfg.resolution}")
+    reference = write_references(image_dir, prompts, cfg.resolution, out / f"reference_lanczos_{cfg.resolution}")
     rows = []
-    for name, spec in cfg.models.items():
+    for name, spec in cfg.evaluated_models().items():
         pipe = load_pipeline(spec, device, dtype)
         for steps in spec.steps:
-            folder = generate(pipe, prompts, steps, spec.guidance, cfg, out / "images" / name / f"steps_{steps}",
-                              device, progress)
-            row = {"model": name, "steps": steps, "scheduler": spec.scheduler, "guidance": spec.guidance,
-                   "fid": fid(folder, reference, cfg.fid_extractor, cfg.fid_extractor_weights, device.type == "cuda"),
-                   "clip": clip_score(folder, prompts, clip_scorer, cfg.batch_size)}
-            rows.append(row)
-            if not cfg.keep_images:
-                shutil.rmtree(folder)
+            for guidance in spec.guidance:
+                folder = generate(pipe, prompts, steps, guidance, cfg,
+                                  out / "images" / name / f"steps_{steps}_guidance_{guidance:g}", device, progress)
+                row = {"model": name, "steps": steps, "guidance": guidance, "scheduler": spec.scheduler,
+                       "published": name == PUBLISHED_PERFLOW,
+                       "fid": fid(folder, reference, cfg.fid_extractor, cfg.fid_extractor_weights,
+                                  device.type == "cuda"),
+                       "clip": clip_score(folder, prompts, clip_scorer, cfg.batch_size)}
+                rows.append(row)
+                if not cfg.keep_images:
+                    shutil.rmtree(folder)
         del pipe
-    metrics = {"protocol": {"dataset": "COCO-2017 val, first caption per image", "n_prompts": cfg.n_prompts,
-                            "resolution": cfg.resolution, "seed": cfg.seed, "fid_extractor": cfg.fid_extractor,
-                            "clip_model": f"{cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}",
+    protocol = our_protocol(cfg)
+    published = cfg.published_perflow.delta_weights
+    metrics = {"protocol": {**protocol, "seed": cfg.seed, "fid_extractor": cfg.fid_extractor,
+                            "clip": f"{cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}",
                             "clip_scale": "cosine similarity"},
+               "published_perflow": published if published is not None else NOT_PROVIDED,
                "rows": rows}
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
-    note = (f"{cfg.n_prompts} prompts, {cfg.resolution} px, FID extractor {cfg.fid_extractor}, "
-            f"CLIP {cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}")
-    atomic_write_text(comparison_table(rows, protocol_note=note), out / "comparison.md")
+    note = (f"FID extractor {cfg.fid_extractor}, CLIP {cfg.clip_model}/{cfg.clip_checkpoint or cfg.clip_pretrained}, "
+            f"seed {cfg.seed} + i for image i")
+    atomic_write_text(comparison_table(rows, protocol, note, published), out / "comparison.md")
     return metrics

@@ -25,9 +25,38 @@ _PIPELINE_FILES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("tokenizer/vocab.json", "tokenizer/tokenizer.json"), "the CLIP tokenizer vocabulary"),
     (("scheduler/scheduler_config.json",), "the noise-schedule config"),
 )
-SD15_HINT = ("a local diffusers Stable Diffusion 1.5 folder, e.g. "
-             "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR "
-             "--exclude '*.ckpt' 'safety_checker/*'` on a machine with network (docs/gpu.md)")
+#: the hub repository of the SD 1.5 weights (docs/gpu.md)
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: the files of ``SD15_REPO`` that the loaders read (``components.load_components`` and
+#: ``load_sd_pipeline``, tests/test_sd15_disk.py records them): the configs, the tokenizer, the
+#: feature extractor's config that the pipeline's ``model_index.json`` names, and one weights file
+#: per model. Everything else there (the .ckpt / single-file checkpoints, the .bin, fp16 and non_ema
+#: variants, the safety checker) is never opened.
+SD15_FILES: tuple[str, ...] = (
+    "model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+)
+
+
+def sd15_files(variant: str | None = None) -> tuple[str, ...]:
+    """``SD15_FILES`` with the weights of ``variant`` (``fp16``: half the size; the loaders then
+    load every model with ``variant="fp16"``, ``pipeline_variant``)."""
+    if variant is None:
+        return SD15_FILES
+    return tuple(f.replace(".safetensors", f".{variant}.safetensors") for f in SD15_FILES)
+
+
+def download_command(local_dir: str = "replication/gpu/inputs/sd15", variant: str | None = None) -> str:
+    """The ``hf download`` command (``huggingface-cli download`` before huggingface_hub 1.0, same
+    arguments) that fetches exactly ``sd15_files(variant)`` of ``SD15_REPO`` into ``local_dir``."""
+    return f"hf download {SD15_REPO} {' '.join(sd15_files(variant))} --local-dir {local_dir}"
+
+
+SD15_HINT = (f"a local diffusers Stable Diffusion 1.5 folder, e.g. `{download_command('DIR')}` on a "
+             f"machine with network (docs/gpu.md)")
 
 
 class MissingInput(ConfigError):
@@ -72,6 +101,12 @@ def check_pipeline_dir(path: str | Path, key: str = "model_dir", require_epsilon
         if not any((path / alt).is_file() for alt in alternatives):
             raise _missing(key, path, f"{what} ({' or '.join(alternatives)})",
                            f"expected the layout of {SD15_HINT}")
+    index = json.loads((path / "model_index.json").read_text())
+    if (index.get("feature_extractor") or [None])[0] is not None:  # the pipeline loads it
+        extractor = path / "feature_extractor" / "preprocessor_config.json"
+        if not extractor.is_file():
+            raise _missing(key, path, "feature_extractor/preprocessor_config.json (model_index.json names a "
+                           "feature extractor, which the pipeline loads)", f"expected the layout of {SD15_HINT}")
     if require_epsilon:
         sched_file = path / "scheduler" / "scheduler_config.json"
         pred = json.loads(sched_file.read_text()).get("prediction_type", "epsilon")
@@ -92,6 +127,33 @@ def pipeline_variant(path: str | Path) -> str | None:
         if any((path / alt).is_file() for alt in variant) and not any((path / alt).is_file() for alt in plain):
             return "fp16"
     return None
+
+
+def delta_weight_files(variant: str | None) -> tuple[str, ...]:
+    """The weight files a delta-weights folder in diffusers' UNet layout may hold for ``variant``."""
+    infix = f".{variant}" if variant else ""
+    return (f"diffusion_pytorch_model{infix}.safetensors", f"diffusion_pytorch_model{infix}.bin")
+
+
+def check_delta_weights(path: str | Path, variant: str | None, key: str) -> Path:
+    """PeRFlow-style delta weights: a ``.safetensors`` file, or a folder in diffusers' UNet layout
+    (``config.json`` and the weight file of ``variant``, as ``hansyan/perflow-sd15-delta-weights``
+    ships them); returns the path, or ``MissingInput`` naming ``key``."""
+    path = Path(path)
+    hint = ("a .safetensors file of delta weights, or the folder `huggingface-cli download "
+            "hansyan/perflow-sd15-delta-weights` writes (docs/gpu.md)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise _missing(key, path, "delta weights in safetensors format (a .safetensors file)", hint)
+        return path
+    if not path.is_dir():
+        raise _missing(key, path, "the file or folder itself", hint)
+    if not (path / "config.json").is_file():
+        raise _missing(key, path, "config.json (a diffusers UNet folder)", hint)
+    files = delta_weight_files(variant)
+    if not any((path / f).is_file() for f in files):
+        raise _missing(key, path, f"the weights of variant {variant!r} ({' or '.join(files)})", hint)
+    return path
 
 
 def check_weights_file(path: str | Path | None, key: str, what: str, hint: str) -> None:

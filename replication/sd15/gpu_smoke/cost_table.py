@@ -101,9 +101,9 @@ def sd15_param_counts() -> dict[str, int]:
     return {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text)}
 
 
-def _first(value):
-    """A scalar setting, or the first of a swept list (the estimate's pass count)."""
-    return value[0] if isinstance(value, list) else value
+def _values(value) -> list[float]:
+    """A swept setting's values (a scalar is one value)."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _gib(n_bytes: float) -> str:
@@ -274,12 +274,13 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
     teacher = next((s for s in ev["models"].values() if s["scheduler"] == "dpm_solver"), None)
     settings = []
     if student is not None:
-        settings += [("perflow", "PeRFlow student", steps, _first(student["guidance"])) for steps in student["steps"]]
+        settings += [("perflow", "PeRFlow student", steps, _values(student["guidance"])) for steps in student["steps"]]
     if teacher is not None:
-        settings += [("dpm_solver", "teacher, DPM-Solver", steps, _first(teacher["guidance"]))
+        settings += [("dpm_solver", "teacher, DPM-Solver", steps, _values(teacher["guidance"]))
                      for steps in teacher["steps"]]
-    for scheduler, label, steps, guidance in settings:
-        passes = steps * (2 if guidance > 1 else 1)
+    for scheduler, label, steps, guidances in settings:
+        passes = steps * (2 if max(guidances) > 1 else 1)  # CFG: a conditional and an unconditional pass
+        guidance = "/".join(f"{g:g}" for g in guidances)
 
         def measured(scheduler=scheduler, steps=steps):
             g = m.generation(scheduler, steps)
@@ -290,7 +291,7 @@ def rows(recipe: dict, counts: dict[str, int], report: SmokeReport | None) -> li
         add(f"generation, {label} {steps} steps, per image",
             (f"{_range(passes * f_lo, passes * f_hi, 's')} ({_duration(EVAL_IMAGES * passes * f_lo)} to "
              f"{_duration(EVAL_IMAGES * passes * f_hi)} per {EVAL_IMAGES:,})",
-             f"estimated: {passes} UNet forwards (guidance {guidance:g}), VAE decoding not counted, {basis}"),
+             f"estimated: {passes} UNet forwards (guidance {guidance}), VAE decoding not counted, {basis}"),
             measured)
 
     # ---- divergence, resume

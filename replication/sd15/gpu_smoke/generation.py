@@ -44,7 +44,7 @@ def run_generation(plan: SmokePlan, eval_section: dict, resolution: int, windows
     entries = []
     for name, model in g.models.items():
         spec = ModelSpec(path=str(inputs.model_dir), scheduler=model.scheduler, steps=model.steps,
-                         guidance=model.guidance, delta_weights=None, perflow_windows=windows,
+                         guidance=[model.guidance], delta_weights=None, perflow_windows=windows,
                          perflow_prediction_type=target)
         cfg = SD15EvalConfig(coco_dir=str(inputs.data_dir), output_dir=str(inputs.work_dir / "generation"),
                              models={name: spec}, n_prompts=max(2, len(todo)), resolution=resolution, seed=0,

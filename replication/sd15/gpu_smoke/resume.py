@@ -4,13 +4,15 @@ subprocess, killed with SIGKILL, then run again.
 The first run checkpoints every ``checkpoint_step`` steps and would train far longer; once its log
 shows the step after its first checkpoint, its process group gets SIGKILL (no clean-up of any kind
 runs). The second run, with ``steps`` = that checkpoint + ``resume_steps`` (``steps`` may change on
-resume), must report resuming at the newest complete checkpoint, log exactly the steps after it,
-reach the final step with finite losses and write its pipeline. The checkpoint's size on disk is
+resume), must report resuming at the newest complete checkpoint, keep the log rows up to it and
+log exactly the steps after it, reach the final step with finite losses and write its pipeline and
+its ``finished.json``. The checkpoint's size on disk is
 measured before the second run can replace it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from ..train import latest_checkpoint
+from ..train import FINISHED, latest_checkpoint
 from .device import describe
 from .plan import SmokePlan
 from .report import ResumeCheck
@@ -142,13 +144,17 @@ def _run(plan: SmokePlan, recipe: dict, inputs: Inputs, entry: ResumeCheck, log:
     (root / "resume.log").write_text(done.stdout + done.stderr)
     match = RESUMED.search(done.stdout + done.stderr)
     entry.resumed_at_step = int(match["step"]) if match else None
-    rows = read_log(out)[len(before):]
+    # the rerun drops the rows logged after its checkpoint (the killed run's last steps) and appends its own
+    kept = [row for row in before if row["step"] <= entry.checkpoint_step]
+    after = read_log(out)
+    rows = after[len(kept):]
     entry.steps_after_resume = [row["step"] for row in rows]
     entry.final_step = rows[-1]["step"] if rows else None
     same_step = entry.checkpoint_step + 1
     entry.loss_before_kill = next((row["total"] for row in before if row["step"] == same_step), None)
     entry.loss_after_resume = next((row["total"] for row in rows if row["step"] == same_step), None)
     entry.checks = resume_checks(entry, [row["total"] for row in rows], final, out)
+    entry.checks["log_before_the_checkpoint_kept"] = after[:len(kept)] == kept
     failed = [name for name, ok in entry.checks.items() if not ok]
     if failed:
         entry.status = "failed"
@@ -160,7 +166,10 @@ def _run(plan: SmokePlan, recipe: dict, inputs: Inputs, entry: ResumeCheck, log:
 def resume_checks(entry: ResumeCheck, losses: list[float], final: int, out: Path) -> dict[str, bool]:
     """What a correct kill and resume shows: the first run died of SIGKILL, the rerun exited 0,
     reported resuming at the newest checkpoint, logged exactly the steps after it up to ``final``
-    with finite ``losses``, and wrote its last checkpoint and its pipeline under ``out``."""
+    with finite ``losses``, and finished: its pipeline and its ``finished.json`` at ``final`` under
+    ``out`` (its checkpoints may be gone: ``delete_checkpoints_when_done``)."""
+    marker = out / FINISHED
+    finished = json.loads(marker.read_text()).get("steps") if marker.is_file() else None
     return {
         "killed_by_sigkill": entry.first_exit == -signal.SIGKILL,
         "resume_exit_0": entry.resume_exit == 0,
@@ -168,7 +177,7 @@ def resume_checks(entry: ResumeCheck, losses: list[float], final: int, out: Path
         "logged_the_steps_after_the_checkpoint": entry.steps_after_resume == list(
             range(entry.checkpoint_step + 1, final + 1)),
         "finite_losses": bool(losses) and all(math.isfinite(v) for v in losses),
-        "final_checkpoint_written": (out / "checkpoints" / f"checkpoint-{final}").is_dir(),
+        "finished_at_the_final_step": finished == final,
         "pipeline_written": (out / "pipeline" / "model_index.json").is_file(),
     }
 
