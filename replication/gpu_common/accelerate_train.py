@@ -87,6 +87,7 @@ class LoopSettings:
     max_overflow_skips: int = 20
     debug_dump: str | None = None
     desc: str = "train"
+    save_checkpoints: bool = True  # False: none at all (runs that are only timed, replication.sd15.gpu_smoke)
 
 
 def make_accelerator(mixed_precision: str, grad_accum: int, out: Path, cpu: bool = False):
@@ -295,7 +296,7 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer, ema, state: Train
             with open(out / LOG, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             step_seconds, timed_steps = 0.0, 0
-        if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+        if settings.save_checkpoints and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps):
             save_checkpoint(accelerator, out, state.step, settings.checkpoints_total_limit)
     bar.close()
     accelerator.wait_for_everyone()

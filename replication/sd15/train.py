@@ -157,16 +157,20 @@ def run_stage(configs: dict[str, SD15TrainConfig], progress: bool) -> dict[str, 
     return {"pipeline": str(pipeline), "steps": cfg.steps}
 
 
-def settings(cfg: SD15TrainConfig) -> LoopSettings:
-    """The shared loop's settings of this config."""
+def settings(cfg: SD15TrainConfig, save: bool = True) -> LoopSettings:
+    """The shared loop's settings of this config (``save=False``: no checkpoints)."""
     return LoopSettings(steps=cfg.steps, lr_at=cfg.lr_at, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                         loss_limit=cfg.loss_limit, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                         checkpoints_total_limit=cfg.checkpoints_total_limit,
-                        max_overflow_skips=cfg.max_overflow_skips, debug_dump=cfg.debug_dump, desc="sd15 train")
+                        max_overflow_skips=cfg.max_overflow_skips, debug_dump=cfg.debug_dump, desc="sd15 train",
+                        save_checkpoints=save)
 
 
-def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the saved pipeline folder."""
+def train(cfg: SD15TrainConfig, progress: bool = True, save: bool = True) -> Path:
+    """Run (or resume) training; returns the saved pipeline folder.
+
+    ``save=False`` writes no checkpoint and no pipeline (only ``config.yaml`` and the log): the
+    step-cost measurements of ``replication.sd15.gpu_smoke``, whose runs are thrown away."""
     from .batches import PlannedBatches, sd15_plan
     from .components import load_components, save_student
     from .data import CaptionFolder
@@ -233,10 +237,10 @@ def train(cfg: SD15TrainConfig, progress: bool = True) -> Path:
         with accelerator.autocast():
             return objective(student, latents, noise, cond, run_ma, ma_context(accelerator, cfg, student))
 
-    train_loop(accelerator, student, optimizer, ema, state, settings(cfg), out, micro_loss, progress)
+    train_loop(accelerator, student, optimizer, ema, state, settings(cfg, save), out, micro_loss, progress)
 
     final = out / "pipeline"
-    if accelerator.is_main_process:
+    if save and accelerator.is_main_process:
         with averaged_weights(ema, accelerator.unwrap_model(student)) as unet:
             final = save_student(unet, cfg.model_dir, out, perflow_scheduler(cfg, comps.scheduler_config),
                                  cfg.save_delta_weights)
