@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="alone/busy pairs per setting (median)")
+    parser.add_argument("--settings", type=int, nargs="*", default=None,
+                        help="indices into SETTINGS to run (default: all; the first is always run)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(child(args.steps, args.warmup)))
         return {}
     rows = []
-    for name, (threads, extra) in SETTINGS.items():
+    chosen = [n for i, n in enumerate(SETTINGS) if args.settings is None or i == 0 or i in args.settings]
+    for name in chosen:
+        threads, extra = SETTINGS[name]
         runs = [(measure(threads, extra, args.steps, args.warmup, busy=False),
                  measure(threads, extra, args.steps, args.warmup, busy=True)) for _ in range(args.repeats)]
         alone, busy = runs[-1]
