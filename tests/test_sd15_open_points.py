@@ -176,17 +176,18 @@ def test_the_trainer_checkpoints_with_the_precision_keeping_function(tmp_path, m
     """``gradient_checkpointing: true`` runs the student's blocks through ``checkpoint_keeping_precision``."""
     from test_sd15_gpu_fixes import _train_cfg
 
+    from replication.gpu_common import accelerate_train as loop_module
     from replication.sd15 import train as train_module
     from replication.sd15.tiny import build_tiny_sd, write_caption_folder
 
     calls: list[str] = []
-    original = train_module.checkpoint_keeping_precision
+    original = loop_module.checkpoint_keeping_precision
 
     def counting(module, *args, **kwargs):
         calls.append(type(module).__name__)
         return original(module, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "checkpoint_keeping_precision", counting)
+    monkeypatch.setattr(loop_module, "checkpoint_keeping_precision", counting)
     inputs = {"sd": build_tiny_sd(tmp_path / "sd"), "data": write_caption_folder(tmp_path / "data", n=4)}
     train_module.train(_train_cfg(inputs, tmp_path / "run", steps=1, gradient_checkpointing=True,
                                   perflow=PeRFlowSD15Config(teacher_steps=1)), progress=False)

@@ -36,12 +36,13 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from marflow_core.atomic import atomic_torch_save, atomic_write_text
 from marflow_core.errors import NonFiniteLossError
@@ -154,6 +155,37 @@ def float32_passes(accelerator, model: torch.nn.Module) -> Iterator[None]:
                 del inner.forward
             else:
                 inner.forward = wrapped
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    """``(matmul, cudnn)`` TF32 flags of the CUDA backends (settable, and read, on any machine)."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@contextmanager
+def tf32_set(flags: tuple[bool, bool]) -> Iterator[None]:
+    """Run with the TF32 ``flags``; the previous ones are restored after."""
+    before = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def checkpoint_keeping_precision(module, *args, **kwargs):
+    """``torch.utils.checkpoint`` of ``module`` whose recompute (in the backward pass) runs under the
+    TF32 flags of its forward. ``float32_passes`` turns TF32 off for the finite-difference passes and
+    is left before the backward, so the default checkpoint would recompute them with TF32 on (torch
+    keeps the autocast state and the RNG itself, not these global flags)."""
+    flags = tf32_flags()
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), tf32_set(flags)), **kwargs)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing of a diffusers model with ``checkpoint_keeping_precision``."""
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_precision)
 
 
 class OverflowSkips:

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 import yaml
 
 from marflow_core.atomic import atomic_write_text
@@ -40,20 +37,25 @@ from ..gpu_common.accelerate_train import (  # the loop's pieces, also importabl
     OverflowSkips,
     TrainState,
     averaged_weights,
+    checkpoint_keeping_precision,
+    enable_checkpointing,
     float32_passes,
     latest_checkpoint,
     make_accelerator,
     peak_memory_mb,
     prepare,
     save_checkpoint,
+    tf32_flags,
+    tf32_set,
     train_loop,
     weight_dtype,
 )
 from .config import SD15TrainConfig
 from .inputs import check_pipeline_dir, checked_inputs, read_caption_folder
 
-__all__ = ["RESUMABLE_KEYS", "OverflowSkips", "TrainState", "check_inputs", "float32_passes", "latest_checkpoint",
-           "ma_context", "peak_memory_mb", "run_stage", "save_checkpoint", "train"]
+__all__ = ["RESUMABLE_KEYS", "OverflowSkips", "TrainState", "check_inputs", "checkpoint_keeping_precision",
+           "enable_checkpointing", "float32_passes", "latest_checkpoint", "ma_context", "peak_memory_mb",
+           "run_stage", "save_checkpoint", "tf32_flags", "tf32_set", "train"]
 
 #: config keys that may change when a run resumes (they do not change what is computed)
 RESUMABLE_KEYS = ("steps", "debug_dump", "log_every", "checkpoint_every", "checkpoints_total_limit",
@@ -101,37 +103,6 @@ def finished_without_checkpoints(out: Path) -> int | None:
     if not marker.is_file() or latest_checkpoint(out) is not None:
         return None
     return int(json.loads(marker.read_text())["steps"])
-
-
-def tf32_flags() -> tuple[bool, bool]:
-    """``(matmul, cudnn)`` TF32 flags of the CUDA backends (settable, and read, on any machine)."""
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-
-
-@contextmanager
-def tf32_set(flags: tuple[bool, bool]) -> Iterator[None]:
-    """Run with the TF32 ``flags``; the previous ones are restored after."""
-    before = tf32_flags()
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-def checkpoint_keeping_precision(module, *args, **kwargs):
-    """``torch.utils.checkpoint`` of ``module`` whose recompute (in the backward pass) runs under the
-    TF32 flags of its forward. ``float32_passes`` turns TF32 off for the finite-difference passes and
-    is left before the backward, so the default checkpoint would recompute them with TF32 on (torch
-    keeps the autocast state and the RNG itself, not these global flags)."""
-    flags = tf32_flags()
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                             context_fn=lambda: (nullcontext(), tf32_set(flags)), **kwargs)
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Gradient checkpointing of a diffusers model with ``checkpoint_keeping_precision``."""
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_precision)
 
 
 def perflow_scheduler(cfg: SD15TrainConfig, scheduler_config: dict):
