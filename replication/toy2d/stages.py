@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import require
 from ..registry import StageSpec, Tier, section
 from .config import SECTIONS
+from .sweep import SweepConfig, family_points, narrowed
 
 CHECKPOINTS = "checkpoints/toy2d"
+SWEEP_CHECKPOINTS = "checkpoints/toy2d_sweep"
+#: the swept families, one DVC stage each (``toy2d_sweep@<family>``, a ``foreach`` in dvc.yaml);
+#: ``toy2d_sweep.families`` in params.yaml defines exactly these
+SWEEP_FAMILIES: tuple[str, ...] = ("ma_weight", "ma_substeps", "continuous_substeps", "windows",
+                                   "teacher_steps", "reflow_ma_weight", "reflow_ma_continuous")
 EVALUATION_STAGES: tuple[str, ...] = ("fig1_mog", "underdetermination", "tv_bound")
 
 
@@ -34,11 +41,32 @@ def snapshots_are_kept(params: dict[str, Any]) -> None:
             train.snapshot_every, "the underdetermination stage needs snapshots: 1..steps")
 
 
+def sweep_families_registered(params: dict[str, Any]) -> None:
+    """``toy2d_sweep.families`` lists exactly the registered families, each valid for its student."""
+    sweep = section(params, "toy2d_sweep")
+    require(set(sweep.families) == set(SWEEP_FAMILIES), "toy2d_sweep.families", sorted(sweep.families),
+            f"must define exactly the families with a DVC stage: {list(SWEEP_FAMILIES)}")
+    train = section(params, "toy2d_train")
+    for name, family in sweep.families.items():
+        family_points(family, train, f"toy2d_sweep.families.{name}")
+
+
+@dataclass(frozen=True)
+class SweepStage(StageSpec):
+    """The stage of one sweep family: its notebook receives ``toy2d_sweep`` with that family only."""
+
+    family: str = ""
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        given = super().validate(params)
+        return {**given, "toy2d_sweep": narrowed(given["toy2d_sweep"], self.family)}
+
+
 TRAIN = ("toy2d", "toy2d_train")
 EVAL = (*TRAIN, "toy2d_eval")
 TIER = Tier(
     name="toy2d",
-    sections=SECTIONS,
+    sections={**SECTIONS, "toy2d_sweep": SweepConfig},
     stages=(
         StageSpec("toy2d_train", "notebooks/toy2d_train.py", TRAIN, "results/toy2d/train"),
         StageSpec("fig1_mog", "notebooks/fig1_mog.py", (*EVAL, "fig1_mog"), "results/toy2d/fig1_mog",
@@ -48,6 +76,9 @@ TIER = Tier(
                   (students_exist, snapshots_are_kept)),
         StageSpec("tv_bound", "notebooks/tv_bound.py", (*EVAL, "tv_bound"), "results/toy2d/tv_bound",
                   (students_exist,)),
+        *(SweepStage(f"toy2d_sweep@{family}", "notebooks/toy2d_sweep.py", (*EVAL, "toy2d_sweep"),
+                     f"results/toy2d/sweep/{family}", (sweep_families_registered,), family=family)
+          for family in SWEEP_FAMILIES),
     ),
-    persistent_outputs=(CHECKPOINTS,),
+    persistent_outputs=(CHECKPOINTS, SWEEP_CHECKPOINTS),
 )

@@ -9,6 +9,7 @@ import torch
 
 from marflow_core import (
     DistillationObjective,
+    LossTerms,
     GaussianMixtureTeacher,
     PeRFlowSampler,
     ReflowPairSampler,
@@ -76,6 +77,26 @@ def build_objective(
     return objective, batch_fn
 
 
+#: what a student's loss is made of: ``tm+ma`` the method's own (``L_TM + lambda L_MA``), ``ma`` the
+#: MA term alone (the ablation's "MA only": no trajectory matching)
+LOSS_TERMS: tuple[str, ...] = ("tm+ma", "ma")
+
+
+@dataclass
+class MAOnlyObjective:
+    """``lambda L_MA`` alone on the window batch of ``inner`` (a ``DistillationObjective`` with MA on
+    every step): the trajectory-matching term is computed (it is logged) but not optimized."""
+
+    inner: DistillationObjective
+
+    def __call__(self, model, batch, step: int, generator) -> LossTerms:
+        terms = self.inner(model, batch, step, generator)
+        if terms.first_term is None:
+            raise ValueError("MA-only training needs the MA term on every step: ma.weight > 0 and ma.every = 1")
+        total = terms.total - terms.first_term
+        return LossTerms(total, {**terms.parts, "total": float(total.detach())})
+
+
 #: the tier's module that decides what training produces: the code fingerprint of a run is the import
 #: closure of this module and of the student's method module (``replication.common.fingerprint``), so
 #: editing a metric re-runs evaluation without retraining, and a new method retrains no other student
@@ -95,9 +116,13 @@ def train_student(
     toy: Toy2DConfig,
     checkpoint_root: Path,
     progress: bool = True,
+    terms: str = "tm+ma",
 ):
     """Train (or resume) one student into ``checkpoint_root/<name>/``: its seed initialises the
-    model and drives its steps; the pair bank comes from ``toy.seed``."""
+    model and drives its steps; the pair bank comes from ``toy.seed``. ``terms`` (``LOSS_TERMS``)
+    says which loss terms are optimized."""
+    if terms not in LOSS_TERMS:
+        raise ValueError(f"terms = {terms!r}: unknown; known: {LOSS_TERMS}")
     teacher = make_teacher(toy)
     pair_dir = checkpoint_root / "reflow_pairs"
     pairing = student.record.pairing
@@ -105,22 +130,27 @@ def train_student(
         prepare_run_dir(pair_dir, {"toy2d": asdict(toy), "code": code_digest(),
                                    "pairs": asdict(train_cfg.reflow_pairs)})
     (seed,) = student.seeds
-    prepare_run_dir(checkpoint_root / name, run_fingerprint(student, train_cfg, toy))
+    prepare_run_dir(checkpoint_root / name, run_fingerprint(student, train_cfg, toy, terms))
     objective, batch_fn = build_objective(student, train_cfg, teacher, pair_dir, progress, toy.seed)
+    if terms == "ma":
+        objective = MAOnlyObjective(objective)
     torch.manual_seed(seed)
     model = make_model(train_cfg, toy.device)
     return train_loop(model, objective, batch_fn, train_cfg.train_config(), checkpoint_root / name,
                       progress, desc=name, meta=student_meta(name, student), seed=seed)
 
 
-def run_fingerprint(student: StudentSpec, train_cfg: TrainStageConfig, toy: Toy2DConfig) -> dict:
+def run_fingerprint(student: StudentSpec, train_cfg: TrainStageConfig, toy: Toy2DConfig,
+                    terms: str = "tm+ma") -> dict:
     """What a student's run folder is made from: the tier, the student, the training params its
-    pairing uses, its MA settings and its code (``fingerprint.json``; checked on every load)."""
+    pairing uses, its MA settings, the optimized loss terms (recorded when not the method's own)
+    and its code (``fingerprint.json``; checked on every load)."""
     used = PAIRING_SECTIONS[student.record.pairing]
     train = {k: v for k, v in asdict(train_cfg).items()
              if k not in ("students", "ma", *PAIRING_SECTIONS.values()) or k == used}
     return {"toy2d": asdict(toy), "code": code_digest(student), "student": asdict(student),
-            "train": train, "ma": asdict(train_cfg.ma) if student.ma else None}
+            "train": train, "ma": asdict(train_cfg.ma) if student.ma else None,
+            **({"terms": terms} if terms != "tm+ma" else {})}
 
 
 def student_meta(name: str, student: StudentSpec) -> dict:
@@ -157,12 +187,20 @@ def load_student(
 ) -> TrainedStudent:
     """A trained student from ``checkpoint_root/<name>/<checkpoint>``, in eval mode on
     ``toy.device``; a run made with other params or code than these is refused (``StaleRunError``)."""
-    student = train_cfg.students[name]
+    return load_run(name, train_cfg.students[name], train_cfg, toy, checkpoint_root, checkpoint,
+                    "rerun the toy2d_train stage (dvc repro toy2d_train) before evaluating")
+
+
+def load_run(
+    name: str, student: StudentSpec, train_cfg: TrainStageConfig, toy: Toy2DConfig, checkpoint_root: Path,
+    checkpoint: str = "last.pt", rebuild: str = "rerun the stage that trains it", terms: str = "tm+ma",
+) -> TrainedStudent:
+    """The run ``checkpoint_root/<name>`` of ``student`` (one seed) trained with ``train_cfg``, in eval
+    mode; refused (``StaleRunError``) when its fingerprint says other params or code made it."""
     path = checkpoint_root / name / checkpoint
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint {path}: run the toy2d_train stage first (dvc repro)")
-    check_run_dir(path.parent, run_fingerprint(student, train_cfg, toy),
-                  "rerun the toy2d_train stage (dvc repro toy2d_train) before evaluating")
+        raise FileNotFoundError(f"no checkpoint {path}: {rebuild} (dvc repro)")
+    check_run_dir(path.parent, run_fingerprint(student, train_cfg, toy, terms), rebuild)
     model = make_model(train_cfg, toy.device)
     state = load_checkpoint(path, model, student_meta(name, student))
     model.eval().requires_grad_(False)
