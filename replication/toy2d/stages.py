@@ -8,10 +8,14 @@ from typing import Any
 from ..config import require
 from ..registry import StageSpec, Tier, section
 from .config import SECTIONS
+from .ablation import AblationConfig
+from .selection import TestConfig
 from .sweep import SweepConfig, family_points, narrowed
 
 CHECKPOINTS = "checkpoints/toy2d"
 SWEEP_CHECKPOINTS = "checkpoints/toy2d_sweep"
+TEST_CHECKPOINTS = "checkpoints/toy2d_test"
+ABLATION_CHECKPOINTS = "checkpoints/toy2d_ablation"
 #: the swept families, one DVC stage each (``toy2d_sweep@<family>``, a ``foreach`` in dvc.yaml);
 #: ``toy2d_sweep.families`` in params.yaml defines exactly these
 SWEEP_FAMILIES: tuple[str, ...] = ("ma_weight", "ma_substeps", "continuous_substeps", "windows",
@@ -51,6 +55,36 @@ def sweep_families_registered(params: dict[str, Any]) -> None:
         family_points(family, train, f"toy2d_sweep.families.{name}")
 
 
+def selections_are_sweeps(params: dict[str, Any]) -> None:
+    """Each tuned student of ``toy2d_test`` is the student its family sweeps, at a swept NFE, and
+    every compared student is trained."""
+    sweep, test = section(params, "toy2d_sweep"), section(params, "toy2d_test")
+    students = section(params, "toy2d_train").students
+    for student, rule in test.select.items():
+        where = f"toy2d_test.select.{student}"
+        require(student in students, where, student, f"no such student in toy2d_train.students ({sorted(students)})")
+        require(rule.family in sweep.families, f"{where}.family", rule.family,
+                f"no such sweep family ({sorted(sweep.families)})")
+        require(sweep.families[rule.family].student == student, f"{where}.family", rule.family,
+                f"sweeps {sweep.families[rule.family].student}, not {student}")
+        require(rule.nfe in sweep.nfe, f"{where}.nfe", rule.nfe, f"not a swept NFE ({sweep.nfe})")
+    for i, pair in enumerate(test.compare):
+        for name in pair:
+            require(name in students, f"toy2d_test.compare[{i}]", pair,
+                    f"{name!r} is not in toy2d_train.students ({sorted(students)})")
+
+
+def ablation_variants_valid(params: dict[str, Any]) -> None:
+    """Every variant's student is trained, and its overrides are values the library accepts."""
+    from .ablation import variant_students
+
+    ablation, sweep = section(params, "toy2d_ablation"), section(params, "toy2d_sweep")
+    require(ablation.n_seeds <= len(sweep.test_seeds), "toy2d_ablation.n_seeds", ablation.n_seeds,
+            f"the ablation runs on the first n_seeds of toy2d_sweep.test_seeds ({sweep.test_seeds})")
+    train = section(params, "toy2d_train")
+    variant_students(ablation, {name: (train, student) for name, student in train.students.items()})
+
+
 @dataclass(frozen=True)
 class SweepStage(StageSpec):
     """The stage of one sweep family: its notebook receives ``toy2d_sweep`` with that family only."""
@@ -66,7 +100,8 @@ TRAIN = ("toy2d", "toy2d_train")
 EVAL = (*TRAIN, "toy2d_eval")
 TIER = Tier(
     name="toy2d",
-    sections={**SECTIONS, "toy2d_sweep": SweepConfig},
+    sections={**SECTIONS, "toy2d_sweep": SweepConfig, "toy2d_test": TestConfig,
+              "toy2d_ablation": AblationConfig},
     stages=(
         StageSpec("toy2d_train", "notebooks/toy2d_train.py", TRAIN, "results/toy2d/train"),
         StageSpec("fig1_mog", "notebooks/fig1_mog.py", (*EVAL, "fig1_mog"), "results/toy2d/fig1_mog",
@@ -79,6 +114,12 @@ TIER = Tier(
         *(SweepStage(f"toy2d_sweep@{family}", "notebooks/toy2d_sweep.py", (*EVAL, "toy2d_sweep"),
                      f"results/toy2d/sweep/{family}", (sweep_families_registered,), family=family)
           for family in SWEEP_FAMILIES),
+        StageSpec("toy2d_test", "notebooks/toy2d_test.py", (*EVAL, "toy2d_sweep", "toy2d_test"),
+                  "results/toy2d/test", (sweep_families_registered, selections_are_sweeps)),
+        StageSpec("toy2d_sensitivity", "notebooks/toy2d_sensitivity.py", ("toy2d_sweep",),
+                  "results/toy2d/sensitivity"),
+        StageSpec("toy2d_ablation", "notebooks/toy2d_ablation.py", (*EVAL, "toy2d_sweep", "toy2d_ablation"),
+                  "results/toy2d/ablation", (ablation_variants_valid,)),
     ),
-    persistent_outputs=(CHECKPOINTS, SWEEP_CHECKPOINTS),
+    persistent_outputs=(CHECKPOINTS, SWEEP_CHECKPOINTS, TEST_CHECKPOINTS, ABLATION_CHECKPOINTS),
 )
