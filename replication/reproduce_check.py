@@ -321,7 +321,8 @@ class _Walk:
                     else:
                         self.layout(sub, table, "only in run", row=dict(lab))
                 for lab in pairs:
-                    self.layout(f"{path}[{_label_text(dict(lab))}]", table, "only in committed", row=dict(lab))
+                    sub = f"{path}[{_label_text(dict(lab))}]"
+                    self.layout(sub, table, "only in committed", row=dict(lab))
                 return
         if len(a) != len(b):
             self.layout(f"{path}[]", table, "differs", f"{len(a)} entries", f"{len(b)} entries", row)
@@ -346,7 +347,8 @@ def judge_flip(deciding: list[Item]) -> tuple[str, str]:
     stated = [i for i in deciding if i.kind == "stated error"]
     off = [i for i in stated if i.status != "reproduced"]
     if not stated:
-        return "not reproduced", "no number behind it carries a stated error, so the flip cannot be put down to noise"
+        return "not reproduced", ("no number behind it carries a stated error, so the flip cannot be "
+                                  "put down to noise")
     if off:
         return "not reproduced", "numbers behind it disagree beyond their errors: " + ", ".join(
             _item_text(i) for i in off[:3])
@@ -382,7 +384,10 @@ def test_power(key: str, a: dict, b: dict, alpha: float) -> tuple[bool | None, s
 
 
 def _item_text(i: Item) -> str:
-    text = f"{i.path}: {_fmt(i.run)} (run) vs {_fmt(i.committed)} (committed)"
+    run, committed = _fmt(i.run), _fmt(i.committed)
+    if run == committed:   # equal to 6 digits: show every digit
+        run, committed = repr(i.run), repr(i.committed)
+    text = f"{i.path}: {run} (run) vs {committed} (committed)"
     if i.bound is not None and i.kind == "stated error":
         text += f", |diff| {abs(i.run - i.committed):.3g} vs bound {i.bound:.3g}"
     elif i.bound is not None and i.kind == "no stated error":
@@ -419,6 +424,16 @@ def summary_verdicts(text: str) -> dict[str, tuple[Any, Callable[[Item], bool] |
     return out
 
 
+def _behind_collapse(method: str, nfes: set[int]) -> Callable[[Item], bool]:
+    """The ``summary`` numbers that decide whether ``method`` collapses at ``nfes``."""
+    def pick(it: Item) -> bool:
+        row = it.row or {}
+        return (it.table == "summary" and row.get("method") == method and row.get("nfe") in nfes
+                and it.key in ("domain_recall_teacher", "class_coverage"))
+
+    return pick
+
+
 def compare_summary(rel: str, run: str, committed: str, metrics: FileReport | None) -> FileReport:
     report = FileReport(rel)
     va, vb = summary_verdicts(run), summary_verdicts(committed)
@@ -426,8 +441,9 @@ def compare_summary(rel: str, run: str, committed: str, metrics: FileReport | No
         report.why.append("no verdict sentence found on either side (nothing judged)")
     for name in sorted(set(va) | set(vb)):
         if name not in va or name not in vb:
-            report.verdicts.append(Verdict(name, "verdicts", va.get(name, (None,))[0], vb.get(name, (None,))[0],
-                                           "not comparable", f"only in {'run' if name in va else 'committed'}"))
+            a, b = va.get(name, (None,))[0], vb.get(name, (None,))[0]
+            side = "the run" if name in va else "the committed results"
+            report.verdicts.append(Verdict(name, "verdicts", a, b, "not comparable", f"only in {side}"))
             continue
         (a, decide, info), (b, _, _) = va[name], vb[name]
         if _same(a, b):
@@ -438,7 +454,8 @@ def compare_summary(rel: str, run: str, committed: str, metrics: FileReport | No
                                            "no metrics.json beside it to judge the flip"))
             continue
         if "nfe" in info:   # the per-NFE MA verdict follows from the per-test verdicts at that NFE
-            behind = [v for v in metrics.verdicts if v.table == "paired_tests_holm" and v.status != "reproduced"
+            behind = [v for v in metrics.verdicts
+                      if v.table == "paired_tests_holm" and v.status != "reproduced"
                       and (v.row or {}).get("nfe") == info["nfe"] and v.where.endswith(".verdict_holm")
                       and (v.row or {}).get("comparison", SUMMARY_COMPARISON) == SUMMARY_COMPARISON]
             if not behind:
@@ -450,10 +467,7 @@ def compare_summary(rel: str, run: str, committed: str, metrics: FileReport | No
                 why = "follows the flipped test(s) " + "; ".join(f"{v.where}: {v.why}" for v in behind)
         else:
             if decide is None:   # collapse: the recall / least-class share of the NFEs that differ
-                nfes = set(a) ^ set(b)
-                decide = (lambda it, nfes=nfes, method=info["method"]: it.table == "summary"
-                          and (it.row or {}).get("method") == method and (it.row or {}).get("nfe") in nfes
-                          and it.key in ("domain_recall_teacher", "class_coverage"))
+                decide = _behind_collapse(info["method"], set(a) ^ set(b))
             status, why = judge_flip([i for i in metrics.items if decide(i)])
             power = None
         report.verdicts.append(Verdict(name, "verdicts", a, b, status, why, power))
@@ -471,8 +485,8 @@ def compare_metrics(rel: str, run: Any, committed: Any, rules: Rules) -> FileRep
 
 def _tables(report: FileReport) -> dict[str, dict]:
     names = sorted({i.table for i in report.items} | {v.table for v in report.verdicts})
-    return {t: summarize([i for i in report.items if i.table == t], [v for v in report.verdicts if v.table == t])
-            for t in names}
+    return {t: summarize([i for i in report.items if i.table == t],
+                         [v for v in report.verdicts if v.table == t]) for t in names}
 
 
 def summarize(items: list[Item], verdicts: list[Verdict]) -> dict:
@@ -492,29 +506,31 @@ def summarize(items: list[Item], verdicts: list[Verdict]) -> dict:
          "verdicts flipped": sum(v.status != "reproduced" for v in verdicts)}
     status = _worst([i.status for i in items] + [v.status for v in verdicts])
     why = []
-    groups = (("not comparable", lambda i: i.status == "not comparable", "differ in layout, labels or counts (another experiment)"),
-              ("outside error", lambda i: i.outcome == "outside error", f"outside their stated error"),
-              ("outside tolerance", lambda i: i.outcome == "outside tolerance", "without a stated error differ (strict check)"),
-              ("error bar", lambda i: i.kind == "error bar" and i.status != "reproduced", "error bars differ by more than the ratio allowed"),
-              ("null", lambda i: i.outcome == "null in one run" and i.kind != "error bar", "are null in one run only"))
-    for _, pick, text in groups:
+    groups: tuple[tuple[Callable[[Item], bool], str], ...] = (
+        (lambda i: i.status == "not comparable", "differ in layout, labels or counts (another experiment)"),
+        (lambda i: i.outcome == "outside error", "outside their stated error"),
+        (lambda i: i.outcome == "outside tolerance", "without a stated error differ (strict check)"),
+        (lambda i: i.kind == "error bar" and i.status != "reproduced",
+         "error bars differ by more than the ratio allowed"),
+        (lambda i: i.outcome == "null in one run" and i.kind != "error bar", "are null in one run only"))
+    for pick, text in groups:
         hit = [i for i in items if pick(i)]
         if hit:
             why.append(f"{len(hit)} value(s) {text}, first: {_item_text(hit[0])}")
     for v in verdicts:
         if v.status != "reproduced":
-            why.append(f"verdict {v.where}: {_fmt(v.committed)} (committed) -> {_fmt(v.run)} (run): {v.status}; {v.why}")
+            why.append(f"verdict {v.where}: {_fmt(v.committed)} (committed) -> {_fmt(v.run)} (run): "
+                       f"{v.status}; {v.why}")
     if not why:
         parts = [f"{c['identical']} of {c['numbers']} numbers bit-identical"] if c["numbers"] else []
-        if c["within error"]:
-            parts.append(f"{c['within error']} within their stated error")
         if c["with error"]:
-            parts.append(f"{c['with error']} carry a stated error")
+            parts.append(f"{c['with error']} carry a stated error ({c['within error']} differ within it)")
         if c["no stated error"]:
             parts.append(f"{c['no stated error']} carry no stated error (checked to the relative tolerance)")
         if verdicts:
             parts.append(f"{len(verdicts)} verdict(s) the same")
-        why.append("; ".join(parts))
+        if parts:
+            why.append("; ".join(parts))
     return {"status": status, "counts": c, "why": why}
 
 
@@ -525,30 +541,37 @@ class Side:
     files: dict[str, str]
 
 
+NO_RESULTS = "no such folder (run from the repository root, or pass --results)"
+
+
+def _result_files(root: Path) -> dict[str, str]:
+    """``metrics.json`` and ``summary.md`` below ``root``, hidden folders (``.failed``) left out."""
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+            if p.name in FILES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
 def working_tree(results: Path) -> Side:
     if not results.is_dir():
-        raise InputError(f"--results {results}: no such folder (run from the repository root, or pass --results)")
-    files = {str(p.relative_to(results)): p.read_text() for p in sorted(results.rglob("*"))
-             if p.name in FILES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(results).parts)}
-    return Side(f"{results} (working tree)", files)
+        raise InputError(f"--results {results}: {NO_RESULTS}")
+    return Side(f"{results} (working tree)", _result_files(results))
 
 
 def folder(path: Path) -> Side:
     if not path.is_dir():
         raise InputError(f"--against-dir {path}: no such folder")
-    side = working_tree(path)
-    return Side(f"{path}", side.files)
+    return Side(str(path), _result_files(path))
 
 
 def git_ref(results: Path, ref: str) -> Side:
     def git(*args: str, cwd: Path = results) -> str:
         proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
         if proc.returncode:
-            raise InputError(f"git {' '.join(args)}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'failed'}")
+            raise InputError(f"git {' '.join(args)}: {proc.stderr.strip() or 'failed'}")
         return proc.stdout
 
     if not results.is_dir():
-        raise InputError(f"--results {results}: no such folder (run from the repository root, or pass --results)")
+        raise InputError(f"--results {results}: {NO_RESULTS}")
     try:
         top = Path(git("rev-parse", "--show-toplevel").strip())
     except InputError:
@@ -559,7 +582,8 @@ def git_ref(results: Path, ref: str) -> Side:
     except InputError:
         raise InputError(f"--against {ref}: not a commit of the git repository {top}") from None
     prefix = results.resolve().relative_to(top.resolve()).as_posix()
-    names = [n for n in git("ls-tree", "-r", "--full-name", "--name-only", commit, "--", prefix, cwd=top).splitlines()
+    listed = git("ls-tree", "-r", "--full-name", "--name-only", commit, "--", prefix, cwd=top)
+    names = [n for n in listed.splitlines()
              if Path(n).name in FILES and not any(part.startswith(".") for part in Path(n).parts)]
     files = {str(Path(n).relative_to(prefix)): git("show", f"{commit}:{n}", cwd=top) for n in names}
     return Side(f"{ref} ({commit[:7]})", files)
@@ -608,16 +632,19 @@ def _row(name: str, counts: dict | None, status: str) -> list[str]:
         return [name] + ["-"] * len(_COLUMNS) + [status]
     other = counts["error bars off"] + counts["layout or counts differ"] + counts["null in one run"]
     cells = [str(counts[k]) if k else "" for _, k in _COLUMNS[:-2]]
-    verdicts = f"{counts['verdicts'] - counts['verdicts flipped']} same" + (
-        f", {counts['verdicts flipped']} flipped" if counts["verdicts flipped"] else "") if counts["verdicts"] else "-"
+    verdicts = "-"
+    if counts["verdicts"]:
+        flipped = counts["verdicts flipped"]
+        verdicts = f"{counts['verdicts'] - flipped} same" + (f", {flipped} flipped" if flipped else "")
     return [name, *cells, str(other), verdicts, status]
 
 
 def render(reports: list[FileReport], run: Side, committed: Side, rules: Rules) -> str:
     lines = [f"run: {run.name}", f"committed: {committed.name}",
              f"rules: stated error |a-b| <= {rules.z:g}*sqrt(se_a^2+se_b^2); no stated error "
-             f"|a-b| <= {rules.atol:g} + {rules.rtol:g}*max(|a|,|b|) (strict); error bars within a ratio of "
-             f"{rules.error_ratio:g}; counts, labels and layout equal; verdict level {rules.alpha:g}", ""]
+             f"|a-b| <= {rules.atol:g} + {rules.rtol:g}*max(|a|,|b|) (strict); error bars within a "
+             f"ratio of {rules.error_ratio:g}; counts, labels and layout equal; verdict level "
+             f"{rules.alpha:g}", ""]
     table = [["file / table", *(h for h, _ in _COLUMNS), "status"]]
     for r in reports:
         if r.status == "missing":
@@ -629,14 +656,15 @@ def render(reports: list[FileReport], run: Side, committed: Side, rules: Rules) 
             table += [_row(f"  {t}", s["counts"], s["status"]) for t, s in tables.items()]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
     lines.append("")
     for r in reports:
         lines.append(f"{r.file}: {r.status}")
         lines += [f"  - {w}" for w in r.why]
     overall = _worst(r.status for r in reports)
-    lines += ["", f"overall: {overall}" + ("" if overall == "reproduced" else
-                                           f" ({sum(r.status != 'reproduced' for r in reports)} of {len(reports)} files)")]
+    off = sum(r.status != "reproduced" for r in reports)
+    lines += ["", f"overall: {overall}" + (f" ({off} of {len(reports)} files)" if off else "")]
     return "\n".join(lines)
 
 
@@ -653,27 +681,30 @@ def as_json(reports: list[FileReport], run: Side, committed: Side, rules: Rules)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
+    add = parser.add_argument
     which.add_argument("--against", default="HEAD", metavar="REF", help="the git commit to compare with (HEAD)")
     which.add_argument("--against-dir", type=Path, metavar="DIR", help="a folder laid out like results/")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="the run's results folder")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="write the whole comparison here")
-    parser.add_argument("--z", type=float, default=Rules.z, help="stated errors: agree within z SE (3)")
-    parser.add_argument("--rtol", type=float, default=Rules.rtol, help="no stated error: relative tolerance (1e-6)")
-    parser.add_argument("--atol", type=float, default=Rules.atol, help="no stated error: absolute tolerance (0)")
-    parser.add_argument("--error-ratio", type=float, default=Rules.error_ratio, help="error bars agree within this ratio (2)")
-    parser.add_argument("--alpha", type=float, default=Rules.alpha, help="the verdict tests' level (0.05)")
+    add("--results", type=Path, default=Path("results"), help="the run's results folder (results)")
+    add("--json", type=Path, metavar="OUT", help="write the whole comparison here")
+    add("--z", type=float, default=Rules.z, help="stated errors: agree within z combined SE (3)")
+    add("--rtol", type=float, default=Rules.rtol, help="no stated error: relative tolerance (1e-6)")
+    add("--atol", type=float, default=Rules.atol, help="no stated error: absolute tolerance (0)")
+    add("--error-ratio", type=float, default=Rules.error_ratio, help="error bars agree within this ratio (2)")
+    add("--alpha", type=float, default=Rules.alpha, help="the verdict tests' level (0.05)")
     args = parser.parse_args(argv)
     try:
         rules = Rules(args.z, args.rtol, args.atol, args.error_ratio, args.alpha)
         run = working_tree(args.results)
-        committed = folder(args.against_dir) if args.against_dir is not None else git_ref(args.results, args.against)
+        committed = (folder(args.against_dir) if args.against_dir is not None
+                     else git_ref(args.results, args.against))
         reports = compare(run, committed, rules)
     except InputError as err:
         print(f"reproduce_check: {err}", file=sys.stderr)
         return 2
     print(render(reports, run, committed, rules))
     if args.json is not None:
-        args.json.write_text(json.dumps(as_json(reports, run, committed, rules), indent=1, default=str) + "\n")
+        doc = as_json(reports, run, committed, rules)
+        args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return 0 if all(r.status == "reproduced" for r in reports) else 1
 
 

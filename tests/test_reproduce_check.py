@@ -180,24 +180,31 @@ def test_a_seed_count_stored_as_a_float_is_a_count():
 
 
 def test_a_flipped_verdict_with_agreeing_numbers_depends_on_the_machine(tmp_path):
-    committed = {"images/table/metrics.json": {"paired_tests_holm": [_test_row()]},
+    one = {"nfe": 1, "delta": 234.0, "p_holm": 0.0007, "verdict_holm": "MA worse"}
+    committed = {"images/table/metrics.json": {"paired_tests_holm": [_test_row(), _test_row(**one)]},
                  "images/table/summary.md": SUMMARY}
     # the same test on another machine: delta moves by 0.4 (its bound: 3 * sqrt(2) * 30 / t = 45.8),
-    # the Holm p-value crosses 0.05, the MDE moves in its last digits
-    run = {"images/table/metrics.json": {"paired_tests_holm": [_test_row(delta=42.7, p_holm=0.049, mde=74.5,
-                                                                         verdict_holm="MA worse")]},
-           "images/table/summary.md": SUMMARY.replace("4 NFE: **no effect detected**", "4 NFE: **MA hurts**")}
+    # the Holm p-value crosses 0.05, the MDE moves in its last digits; at 1 NFE the delta moves far
+    # beyond its error (234 -> 100) and that verdict flips too
+    run = {"images/table/metrics.json": {"paired_tests_holm": [
+               _test_row(delta=42.7, p_holm=0.049, mde=74.5, verdict_holm="MA worse"),
+               _test_row(**one | {"delta": 100.0, "p_holm": 0.2, "verdict_holm": "not detected (MDE 74.3)"})]},
+           "images/table/summary.md": SUMMARY.replace("4 NFE: **no effect detected**", "4 NFE: **MA hurts**")
+           .replace("1 NFE: **MA hurts**", "1 NFE: **no effect detected**")}
     code, text, doc = _check(tmp_path, run, committed)
     assert code == 1
-    test = next(v for v in _file(doc, "images/table/metrics.json")["verdicts"] if v["where"].endswith("verdict_holm"))
+    test = next(v for v in _file(doc, "images/table/metrics.json")["verdicts"]
+                if v["where"].endswith("nfe=4].verdict_holm"))
     assert test["status"] == "depends on the machine"
     assert test["within_power"] is True
     assert "straddle the level 0.05" in test["why"] and "< MDE 74.5 (run)" in test["why"]
     nfe4 = next(v for v in _file(doc, "images/table/summary.md")["verdicts"] if v["where"] == "MA verdict at 4 NFE")
     assert (nfe4["committed"], nfe4["run"], nfe4["status"]) == ("no effect detected", "MA hurts", "depends on the machine")
     assert "verdict MA verdict at 4 NFE: 'no effect detected' (committed) -> 'MA hurts' (run): depends on the machine" in text
-    same = next(v for v in _file(doc, "images/table/summary.md")["verdicts"] if v["where"] == "MA verdict at 1 NFE")
-    assert same["status"] == "reproduced"
+    nfe1 = next(v for v in _file(doc, "images/table/summary.md")["verdicts"] if v["where"] == "MA verdict at 1 NFE")
+    assert nfe1["status"] == "not reproduced" and "disagree beyond their errors" in nfe1["why"]
+    collapse = next(v for v in _file(doc, "images/table/summary.md")["verdicts"] if "collapses" in v["where"])
+    assert collapse["status"] == "reproduced"
 
 
 def test_a_flipped_verdict_whose_numbers_disagree_is_not_reproduced(tmp_path):
@@ -283,3 +290,17 @@ def test_against_a_git_commit(tmp_path, monkeypatch):
     code, text = _main(["--against", "HEAD"])
     assert code == 1 and "table[method=a, nfe=1].kl" in text
     assert _main(["--against", "nosuch"])[0] == 2
+
+
+def test_a_collapse_flip_whose_numbers_carry_no_error_is_not_reproduced(tmp_path):
+    # one seed: the recall behind the collapse sentence has no stated error (ci95 null)
+    def table(recall: float) -> dict:
+        return {"summary": [{"method": "reflow_ma", "nfe": 2, "domain_recall_teacher": recall,
+                             "domain_recall_teacher_ci95": None, "domain_recall_teacher_seeds": 1.0}]}
+
+    run = {"i/metrics.json": table(0.11), "i/summary.md": SUMMARY.replace("collapses at 1, 2 NFE", "collapses at 1 NFE")}
+    code, _, doc = _check(tmp_path, run, {"i/metrics.json": table(0.09), "i/summary.md": SUMMARY})
+    collapse = next(v for v in _file(doc, "i/summary.md")["verdicts"] if "collapses" in v["where"])
+    assert (collapse["committed"], collapse["run"]) == ([1, 2], [1])
+    assert collapse["status"] == "not reproduced" and "no number behind it carries a stated error" in collapse["why"]
+    assert code == 1
