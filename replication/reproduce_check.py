@@ -352,7 +352,8 @@ def judge_flip(deciding: list[Item]) -> tuple[str, str]:
     if off:
         return "not reproduced", "numbers behind it disagree beyond their errors: " + ", ".join(
             _item_text(i) for i in off[:3])
-    shown = ", ".join(_item_text(i) for i in stated if i.key in ("delta", "kl", "kl_refined"))
+    shown = ", ".join(f"{i.path}: bit-identical" if i.outcome == "identical" else _item_text(i)
+                      for i in stated if i.key in ("delta", "kl", "kl_refined"))
     return "depends on the machine", (f"the {len(stated)} number(s) with a stated error behind it agree "
                                       f"within their errors" + (f" ({shown})" if shown else ""))
 
