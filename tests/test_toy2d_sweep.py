@@ -248,3 +248,20 @@ def test_tuned_students_take_the_selected_value(params):
     assert student.ma_config(cfg.ma).weight == 0.3
     assert tuned["perflow"] == (train, train.students["perflow"])
     assert replace(student, seeds=[5]).seeds == [5]
+
+
+def test_stages_that_read_selected_families_track_exactly_those(params):
+    """``toy2d_test`` and ``toy2d_ablation`` read the families of ``toy2d_test.select`` and no other:
+    dvc.yaml lists exactly those families' params (so editing another family's grid re-runs neither)
+    and the test stage depends on exactly their metrics files."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    rule_families = {rule["family"] for rule in params["toy2d_test"]["select"].values()}
+    for name in ("toy2d_test", "toy2d_ablation"):
+        listed = {p.removeprefix("toy2d_sweep.families.") for p in stages[name]["params"]
+                  if p.startswith("toy2d_sweep.families.")}
+        assert listed == rule_families, name
+        assert "toy2d_sweep" not in stages[name]["params"], f"{name} would re-run on any family's edit"
+    metric_deps = {d.split("/")[3] for d in stages["toy2d_test"]["deps"] if d.startswith("results/toy2d/sweep/")}
+    assert metric_deps == rule_families
