@@ -53,6 +53,10 @@ def test_selection_picks_the_lowest_validation_mean_at_its_nfe_and_skips_exclude
     assert chosen.runner_up == "0.1" and chosen.runner_up_score == 0.9
     assert chosen.within_interval is False            # 0.9 > 0.7 + 0.15
     assert chosen.grid == ["0", "0.1", "0.3", "1"] and chosen.seeds == [100, 101, 102]
+    assert chosen.on_grid_edge is False               # 0.3 lies inside the eligible grid 0.1, 0.3, 1
+    edge = select_value("s", SelectionRule("f", 4, exclude=[0.0]),
+                        _family([_cell("0.1", 4, 0.9), _cell("0.3", 4, 0.7), _cell("1", 4, 0.6)]), [200])
+    assert edge.value == "1" and edge.on_grid_edge is True
     wide = select_value("perflow_ma", SelectionRule("ma_weight", 4, "kl", [0.0]),
                         _family([_cell("0.1", 4, 0.9), _cell("0.3", 4, 0.7, hw=0.3)]), [200])
     assert wide.within_interval is True               # 0.9 <= 0.7 + 0.3: a choice inside the noise

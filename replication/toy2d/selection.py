@@ -9,7 +9,8 @@ The rule (``SelectionRule``): among the family's MA points at ``nfe`` whose metr
 every seed (no folded map) and whose value is not excluded (``0`` = MA off, when the question is
 the best MA setting), the value with the lowest mean ``metric`` over the validation seeds; ties go
 to the first in grid order. The runner-up and whether it lies within the winner's interval are
-reported too: a selection inside the noise is a choice, not a finding.
+reported too: a selection inside the noise is a choice, not a finding; so is a value at the edge of
+its grid (``on_grid_edge``: the optimum may lie beyond it).
 
 The test comparison: ``treated - control`` paired by test seed for every metric of ``metrics`` and
 every NFE, one family of tests Holm-corrected together (``replication.common.testing``), each with
@@ -87,6 +88,7 @@ class Selection:
     runner_up_score: float | None
     within_interval: bool | None
     seeds: list[int]
+    on_grid_edge: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -117,12 +119,14 @@ def select_value(student: str, rule: SelectionRule, family_metrics: dict[str, An
     best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     hw = best.get(f"{rule.metric}_hw")
     within = None if second is None or hw is None else bool(second[rule.metric] <= best[rule.metric] + hw)
+    eligible = [v for v in family_metrics["values"] if v not in excluded]
+    edge = len(eligible) > 2 and best["value"] in (eligible[0], eligible[-1])
     return Selection(student, rule.family, family_metrics["parameter"], list(family_metrics["values"]),
                      best["value"], f"lowest mean validation {rule.metric} at {rule.nfe} NFE"
                      + (f" (excluding {sorted(excluded)})" if excluded else ""),
                      best[rule.metric], hw, None if second is None else second["value"],
                      None if second is None else second[rule.metric], within,
-                     list(family_metrics["seeds"]))
+                     list(family_metrics["seeds"]), edge)
 
 
 def selected_student(base: StudentSpec, train_cfg: TrainStageConfig, family: SweepFamily,
