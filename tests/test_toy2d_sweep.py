@@ -153,7 +153,7 @@ def test_family_points_apply_the_value_and_the_fixed_settings(params):
     ma = cont[1].student.ma_config(cont[1].train_cfg.ma)
     assert (ma.logdet, ma.divergence, ma.weight, ma.substeps) == ("continuous", "exact", 0.1, 8)
     weights = family_points(sweep.families["ma_weight"], train, "m")
-    assert [p.student.ma_config(p.train_cfg.ma).weight for p in weights] == [0.0, 0.1, 0.3, 1.0, 3.0]
+    assert [p.student.ma_config(p.train_cfg.ma).weight for p in weights] == [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
 def test_bad_family_values_are_named(params):
