@@ -269,3 +269,40 @@ def test_stages_that_read_selected_families_track_exactly_those(params):
         assert "toy2d_sweep" not in stages[name]["params"], f"{name} would re-run on any family's edit"
     metric_deps = {d.split("/")[3] for d in stages["toy2d_test"]["deps"] if d.startswith("results/toy2d/sweep/")}
     assert metric_deps == rule_families
+
+
+# --- generated findings ---------------------------------------------------------------------------
+
+def _test_cell(verdict, nfe=4, outside=False, metric="kl", delta=-1.0):
+    return {"comparison": "reflow_ma - reflow", "metric": metric, "nfe": nfe, "outside_design": outside,
+            "verdict": verdict, "p_value": None if verdict.startswith("untested") else 0.01,
+            "p_holm": 0.02, "delta": delta, "mde": 0.5}
+
+
+def test_ma_verdict_follows_its_rule_and_ignores_out_of_design_cells():
+    from replication.toy2d.findings import ma_verdict
+
+    c = "reflow_ma - reflow"
+    assert ma_verdict([_test_cell("treated better"), _test_cell("no difference shown")], c) == "helps"
+    assert ma_verdict([_test_cell("treated worse"), _test_cell("no difference shown")], c) == "hurts"
+    assert ma_verdict([_test_cell("treated worse"), _test_cell("treated better", nfe=8)], c) == "mixed"
+    assert ma_verdict([_test_cell("no difference shown"), _test_cell("untested: no spread")], c) == "no effect shown"
+    assert ma_verdict([_test_cell("treated worse", nfe=1, outside=True), _test_cell("no difference shown")],
+                      c) == "no effect shown"
+    with pytest.raises(ValueError, match="no in-design"):
+        ma_verdict([_test_cell("treated worse", outside=True)], c)
+
+
+def test_reflow_answer_quotes_the_numbers_of_its_inputs():
+    from replication.toy2d.findings import reflow_ma_answer
+
+    family = {"parameter": "ma.weight", "student": "reflow_ma", "values": ["0", "0.1"], "seeds": [1, 2, 3],
+              "rows": [{"value": v, "nfe": n, "ma": True, "kl": kl, "folded": f}
+                       for v, f in (("0", 0.0), ("0.1", 0.25)) for n, kl in ((1, 3.5), (2, 1.25))]}
+    test = {"selected": [{"student": "reflow_ma", "parameter": "ma.weight", "value": "0.1", "grid": ["0", "0.1"],
+                          "criterion": "lowest", "on_grid_edge": True, "within_interval": False}],
+            "comparisons": [_test_cell("treated worse", nfe=2, delta=2.5)]}
+    lines = reflow_ma_answer(test, family, family)
+    assert lines[0].startswith("Selected on the validation seeds: ma.weight = 0.1") and "edge of its grid" in lines[0]
+    assert "MA hurts" in lines[1] and "kl@2 +2.5 (treated worse, Holm p 0.02)" in lines[1]
+    assert "0.1: KL 3.5/1.25, folded 0.25" in lines[2] and "0: KL 3.5/1.25, folded 0" in lines[2]
