@@ -36,10 +36,11 @@ from replication.report.claims import (
 from replication.report.config import ReportConfig
 from replication.report.headline import headline
 from replication.report.inputs import ReportInputError, load_inputs
-from replication.report.numbers import MISSING, check_provenance, fmt, tokens
+from replication.report.numbers import check_provenance, fmt, tokens
 from replication.report.protocols import comparison_rows, references
 
 ROOT = Path(__file__).resolve().parents[1]
+MISSING = "–"  # how the report prints a missing value
 
 REPORT = {"nfe": [1, 4], "toy2d_metrics": ["kl", "tv"], "images_metrics": ["kl", "domain_fd_teacher"],
           "lower_is_better": ["kl", "tv", "domain_fd_teacher"], "higher_is_better": ["domain_recall_teacher"],
@@ -310,6 +311,8 @@ def _images_with(tests: list[dict], out_of_design: tuple[int, ...] = (1,)) -> di
     table["paired_tests_holm"] = tests
     table["rows"] = [{"method": m, "seed": s, "nfe": n, "fewer_steps_than_windows": n in out_of_design}
                      for m in ("perflow", "perflow_ma") for s in (0, 1) for n in (1, 4, 8)]
+    table["rows"] += [{"method": m, "seed": 0, "nfe": n, "fewer_steps_than_windows": False}
+                      for m in ("reflow", "reflow_ma") for n in (1, 4, 8)]
     return {"results/images/table/metrics.json": table}
 
 
@@ -327,7 +330,7 @@ def _test(metric: str, nfe: int, delta: float, p: float | None, comparison: str 
     ([_test("kl", 1, -50.0, 0.001)], NOT_YET),                                   # only out of design
     ([_test("kl", 4, -3.0, None)], NOT_YET),                                     # one seed: untested
     ([_test("fid", 4, -3.0, 0.01)], NOT_YET),                                    # not a quality metric
-    ([_test("kl", 4, -3.0, 0.01, "reflow_ma - reflow")], NOT_YET),               # not an MA comparison here
+    ([_test("kl", 4, -3.0, 0.01, "reflow_ma - reflow")], NOT_YET),               # in design, not in ma_comparisons
 ])
 def test_the_ma_rule_on_the_image_tier(tmp_path, tests, expected):
     assert _verdict("ma_improves_marginal", "images", _images_with(tests), tmp_path)[0] == expected
@@ -336,7 +339,7 @@ def test_the_ma_rule_on_the_image_tier(tmp_path, tests, expected):
 def test_the_ma_rule_reads_in_design_from_the_rows(tmp_path):
     """A test at an NFE where one seed's row has fewer steps than windows is out of design."""
     files = _images_with([_test("kl", 4, -3.0, 0.01)], out_of_design=())
-    files["results/images/table/metrics.json"]["rows"][4]["fewer_steps_than_windows"] = True  # perflow seed 1, nfe 4
+    files["results/images/table/metrics.json"]["rows"][1]["fewer_steps_than_windows"] = True  # perflow seed 0, nfe 4
     assert _verdict("ma_improves_marginal", "images", files, tmp_path)[0] == NOT_YET
 
 
