@@ -202,7 +202,17 @@ def test_headline_of_the_optional_inputs(tmp_path):
         "toy2d.sweep.ma_weight.kl.v0_3.nfe4.mean": 1.0, "toy2d.sweep.ma_weight.kl.v0_3.nfe4.hw": 0.2,
         "toy2d.sweep.ma_weight.tv.v0_3.nfe4.mean": 0.25, "toy2d.sweep.ma_weight.tv.v0_3.nfe4.hw": 0.03,
     }
-    text = build(context(tmp_path, _params()))
+    (tmp_path / "results/toy2d/sensitivity").mkdir(parents=True)
+    (tmp_path / "results/toy2d/sensitivity/sensitivity.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    ctx = context(tmp_path, _params())
+    text = build(ctx)
+    assert "![sensitivity](../toy2d/sensitivity/sensitivity.png)" in text
+    sweep = _section(text, "### Sensitivity sweeps (sweep)")
+    assert "validation seeds 1, 2, 500 samples; ± is t half-width" in sweep
+    assert _cells(sweep, "0.3") == ["0.3", "4", "2", "1 ± 0.200", "0.250 ± 0.0300", MISSING, MISSING, MISSING, "ok"]
+    assert _cells(_section(text, "### Ablation (ablation)"), "`no_logdet`")[2:8] == [
+        "4", "1.30 ± 0.100", "0.300 ± 0.0200", "0.200", "3.50", "12"]
+    assert check_provenance(text, sources(ctx)) == [] and _independent_strays(text, sources(ctx)) == []
     selection = _section(text, "### Selected hyper-parameters (selection)")
     assert _cells(selection, "perflow_ma")[1:] == ["`ma_weight`", "0.1, 0.3, 1", "0.3", "kl at nfe 4", "1.10"]
     assert "validation seeds (1, 2)" in selection and "test seeds (5, 6)" in selection
