@@ -237,6 +237,7 @@ def test_absent_inputs_are_not_run_and_add_nothing(tmp_path):
                 "results/images/table/metrics.json", "results/toy2d/sensitivity/sensitivity.png"):
         assert f"| `{rel}` | not run |" in text
     assert "`results/toy2d/selection/metrics.json`: not run." in text
+    assert "](../toy2d/test/metrics.json)" not in text and "`results/toy2d/test/metrics.json`" in text  # no dead link
     assert "`results/toy2d/sweep/<family>/metrics.json`: not run." in text
     verdicts = {c["id"]: v for c, v in assess(load_paper()["claims"], ctx.inputs, ctx.cfg)}
     assert verdicts["ma_improves_marginal"]["toy2d"].verdict == NOT_YET

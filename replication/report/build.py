@@ -102,11 +102,12 @@ def inputs_status(ctx: Context) -> list[str]:
 
 def claims_checklist(ctx: Context) -> list[str]:
     assessed = assess(ctx.paper["claims"], ctx.inputs, ctx.cfg)
+    absent = {i.path for i in ctx.inputs.all() if i.status == NOT_RUN}
     rows = []
     for claim, verdicts in assessed:
         evidence = sorted({e for v in verdicts.values() for e in v.evidence} | {claim["tested_by"].split(" ")[0]})
         rows.append([f"`{claim['id']}`", claim["text"], *(f"**{verdicts[t].verdict}**" for t in TIERS),
-                     ", ".join(ctx.link(e) if Path(e).suffix else f"`{e}`" for e in evidence)])
+                     ", ".join(ctx.link(e) if Path(e).suffix and e not in absent else f"`{e}`" for e in evidence)])
     lines = ["## Claims checklist", "",
              "The abstract's claims (`replication/references/paper.yaml`), each decided per tier by the "
              "written rule below, computed from the metrics (`replication/report/claims.py`). "
