@@ -167,26 +167,26 @@ def test_headline_flattens_a_fake_file_to_the_hand_written_keys(tmp_path):
 def test_headline_of_the_optional_inputs(tmp_path):
     files = {
         "results/toy2d/test/metrics.json": {
-            "seeds": [5, 6], "n_samples": 500,
+            "seeds": {"validation": [1, 2], "test": [5, 6]}, "n_samples": 500,
+            "selected": [{"student": "perflow_ma", "parameter": "ma_weight", "grid": ["0.1", "0.3", "1"],
+                          "value": "0.3", "criterion": "kl at nfe 4", "score": 1.1, "score_hw": 0.2,
+                          "runner_up": "1", "runner_up_score": 1.25, "within_interval": True, "on_grid_edge": False}],
             "rows": [{"student": "perflow_ma", "nfe": 4, "kl": 0.9, "kl_hw": 0.05, "tv": 0.2, "tv_hw": 0.01,
                       "crosses_windows": False, "status": "ok"},
                      {"student": "perflow", "nfe": 8, "kl": 0.8, "crosses_windows": False, "status": "ok"},
                      {"student": "perflow", "nfe": 4, "kl": None, "crosses_windows": False, "status": "folded"}],
             "comparisons": [{"comparison": "perflow_ma - perflow", "metric": "kl", "nfe": 4, "delta": -0.7,
                              "p_holm": 0.004, "mde": 0.3, "verdict": "MA better"}]},
-        "results/toy2d/selection/metrics.json": {
-            "seeds": {"validation": [1, 2], "test": [5, 6]},
-            "selected": [{"student": "perflow_ma", "parameter": "ma_weight", "grid": [0.1, 0.3, 1.0], "value": 0.3,
-                          "criterion": "kl at nfe 4", "score": 1.1}]},
         "results/toy2d/ablation/metrics.json": {
             "seeds": [5], "n_samples": 500,
             "rows": [{"variant": "no_logdet", "description": "d", "nfe": 4, "kl": 1.3, "kl_hw": 0.1, "tv": 0.3,
-                      "tv_hw": 0.02, "off_mode": 0.2, "step_ms": 3.5, "peak_mb": 12.0, "status": "ok"}]},
+                      "tv_hw": 0.02, "off_mode": 0.2, "mode_mass_error": 0.05, "folded": 0.0,
+                      "mflops_per_step": 3.5, "saved_mib_per_step": 12.0, "status": "ok"}]},
         "results/toy2d/sweep/ma_weight/metrics.json": {
             "family": "ma_weight", "student": "perflow_ma", "parameter": "ma_weight", "values": [0.1, 0.3],
             "split": "validation", "seeds": [1, 2], "n_samples": 500, "interval": "t half-width",
-            "rows": [{"value": 0.3, "nfe": 4, "seeds": 2, "kl": 1.0, "kl_hw": 0.2, "tv": 0.25, "tv_hw": 0.03,
-                      "status": "ok"}]},
+            "rows": [{"value": 0.3, "ma": True, "nfe": 4, "seeds": 2, "kl": 1.0, "kl_hw": 0.2, "tv": 0.25,
+                      "tv_hw": 0.03, "status": "ok"}]},
     }
     flat = headline(load_inputs(_write(tmp_path, files)), _cfg())
     assert flat == {
@@ -198,7 +198,7 @@ def test_headline_of_the_optional_inputs(tmp_path):
         "toy2d.selection.perflow_ma.ma_weight.value": 0.3, "toy2d.selection.perflow_ma.ma_weight.score": 1.1,
         "toy2d.ablation.kl.no_logdet.nfe4.mean": 1.3, "toy2d.ablation.kl.no_logdet.nfe4.hw": 0.1,
         "toy2d.ablation.tv.no_logdet.nfe4.mean": 0.3, "toy2d.ablation.tv.no_logdet.nfe4.hw": 0.02,
-        "toy2d.ablation.step_ms.no_logdet.nfe4": 3.5, "toy2d.ablation.peak_mb.no_logdet.nfe4": 12.0,
+        "toy2d.ablation.mflops_per_step.no_logdet": 3.5, "toy2d.ablation.saved_mib_per_step.no_logdet": 12.0,
         "toy2d.sweep.ma_weight.kl.v0_3.nfe4.mean": 1.0, "toy2d.sweep.ma_weight.kl.v0_3.nfe4.hw": 0.2,
         "toy2d.sweep.ma_weight.tv.v0_3.nfe4.mean": 0.25, "toy2d.sweep.ma_weight.tv.v0_3.nfe4.hw": 0.03,
     }
@@ -209,12 +209,14 @@ def test_headline_of_the_optional_inputs(tmp_path):
     assert "![sensitivity](../toy2d/sensitivity/sensitivity.png)" in text
     sweep = _section(text, "### Sensitivity sweeps (sweep)")
     assert "validation seeds 1, 2, 500 samples; ± is t half-width" in sweep
-    assert _cells(sweep, "0.3") == ["0.3", "4", "2", "1 ± 0.200", "0.250 ± 0.0300", MISSING, MISSING, MISSING, "ok"]
-    assert _cells(_section(text, "### Ablation (ablation)"), "`no_logdet`")[2:8] == [
-        "4", "1.30 ± 0.100", "0.300 ± 0.0200", "0.200", "3.50", "12"]
+    assert _cells(sweep, "0.3") == ["0.3", "yes", "4", "2", "1 ± 0.200", "0.250 ± 0.0300", MISSING, MISSING, MISSING,
+                                    "ok"]
+    assert _cells(_section(text, "### Ablation (ablation)"), "`no_logdet`")[2:10] == [
+        "4", "1.30 ± 0.100", "0.300 ± 0.0200", "0.200", "0.0500", "0", "3.50", "12"]
     assert check_provenance(text, sources(ctx)) == [] and _independent_strays(text, sources(ctx)) == []
     selection = _section(text, "### Selected hyper-parameters (selection)")
-    assert _cells(selection, "perflow_ma")[1:] == ["`ma_weight`", "0.1, 0.3, 1", "0.3", "kl at nfe 4", "1.10"]
+    assert _cells(selection, "perflow_ma")[1:] == ["`ma_weight`", "0.1, 0.3, 1", "0.3", "kl at nfe 4", "1.10 ± 0.200",
+                                                   "1 (1.25)", "yes", "no"]
     assert "validation seeds (1, 2)" in selection and "test seeds (5, 6)" in selection
     assert _cells(_section(text, "### Held-out test seeds (test)"), "`perflow_ma - perflow`")[3:] == [
         "yes", "-0.700", "0.00400", "0.300", "MA better", "better"]
@@ -232,11 +234,11 @@ def test_absent_inputs_are_not_run_and_add_nothing(tmp_path):
     ctx = context(tmp_path, _params())
     text = build(ctx)
     assert headline(ctx.inputs, ctx.cfg) == {}
-    for rel in ("results/toy2d/fig1_mog/metrics.json", "results/toy2d/selection/metrics.json",
+    for rel in ("results/toy2d/fig1_mog/metrics.json",
                 "results/toy2d/test/metrics.json", "results/toy2d/ablation/metrics.json",
                 "results/images/table/metrics.json", "results/toy2d/sensitivity/sensitivity.png"):
         assert f"| `{rel}` | not run |" in text
-    assert "`results/toy2d/selection/metrics.json`: not run." in text
+    assert "`results/toy2d/test/metrics.json`: not run." in text
     assert "](../toy2d/test/metrics.json)" not in text and "`results/toy2d/test/metrics.json`" in text  # no dead link
     assert "`results/toy2d/sweep/<family>/metrics.json`: not run." in text
     verdicts = {c["id"]: v for c, v in assess(load_paper()["claims"], ctx.inputs, ctx.cfg)}

@@ -304,5 +304,5 @@ def test_reflow_answer_quotes_the_numbers_of_its_inputs():
             "comparisons": [_test_cell("treated worse", nfe=2, delta=2.5)]}
     lines = reflow_ma_answer(test, family, family)
     assert lines[0].startswith("Selected on the validation seeds: ma.weight = 0.1") and "edge of its grid" in lines[0]
-    assert "MA hurts" in lines[1] and "kl@2 +2.5 (treated worse, Holm p 0.02)" in lines[1]
-    assert "0.1: KL 3.5/1.25, folded 0.25" in lines[2] and "0: KL 3.5/1.25, folded 0" in lines[2]
+    assert "MA hurts" in lines[1] and "kl@2 2.5 (treated worse, Holm p 0.02)" in lines[1]
+    assert "0.1: KL 3.5 / 1.25, folded 0.25" in lines[2] and "0: KL 3.5 / 1.25, folded 0" in lines[2]

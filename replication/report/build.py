@@ -180,15 +180,22 @@ def toy2d_underdetermination(ctx: Context) -> list[str]:
 
 def toy2d_selection(ctx: Context) -> list[str]:
     lines = ["### Selected hyper-parameters (selection)", ""]
-    data = ctx.inputs.get("selection")
+    data = ctx.inputs.get("test")  # the test stage records what it selected, and on which seeds
     if data is None:
-        return lines + _not_run(ctx, "selection")
-    seeds = need(data, "seeds", FILES["selection"])
+        return lines + _not_run(ctx, "test")
+    seeds = need(data, "seeds", FILES["test"])
     rows = [[r["student"], f"`{r['parameter']}`", _values(r.get("grid")), _values(r.get("value")),
-             str(r.get("criterion", MISSING)), fmt(r.get("score"))] for r in need(data, "selected", FILES["selection"])]
-    return lines + [f"Chosen on the validation seeds ({_values(seeds.get('validation'))}); reported on the "
-                    f"test seeds ({_values(seeds.get('test'))}), which the selection never saw.", "",
-                    *_table(["student", "parameter", "grid", "selected", "criterion", "score"], rows)]
+             str(r.get("criterion", MISSING)), plus_minus(r.get("score"), r.get("score_hw")),
+             f"{r.get('runner_up')} ({fmt(r.get('runner_up_score'))})" if r.get("runner_up") is not None else MISSING,
+             _flag(r.get("within_interval")), _flag(r.get("on_grid_edge"))]
+            for r in need(data, "selected", FILES["test"])]
+    return lines + [f"Chosen on the validation seeds ({_values(seeds.get('validation'))}) by the rule of "
+                    f"`toy2d_test.select`; reported on the test seeds ({_values(seeds.get('test'))}), which the "
+                    "selection never saw (`replication/toy2d/selection.py` refuses any other split). A runner-up "
+                    "inside the winner's interval, or a value at the edge of its grid, makes the choice a choice, "
+                    "not a finding.", "",
+                    *_table(["student", "parameter", "grid", "selected", "criterion", "validation score",
+                             "runner-up", "runner-up within interval", "at grid edge"], rows)]
 
 
 def toy2d_sweeps(ctx: Context) -> list[str]:
@@ -203,14 +210,16 @@ def toy2d_sweeps(ctx: Context) -> list[str]:
             lines += [f"`{family}`: {sweep.status}.", ""]
             continue
         d = sweep.data
-        rows = [[_values(r.get("value")), str(r.get("nfe")), fmt(r.get("seeds")), plus_minus(r.get("kl"), r.get("kl_hw")),
+        rows = [[_values(r.get("value")), "yes" if r.get("ma", True) else "no (twin)", str(r.get("nfe")),
+                 fmt(r.get("seeds")), plus_minus(r.get("kl"), r.get("kl_hw")),
                  plus_minus(r.get("tv"), r.get("tv_hw")), plus_minus(r.get("off_mode"), r.get("off_mode_hw")),
                  plus_minus(r.get("mode_mass_error"), r.get("mode_mass_error_hw")), fmt(r.get("folded")),
                  str(r.get("status", MISSING))] for r in need(d, "rows", sweep.path)]
         lines += [f"**`{family}`** ({ctx.link(sweep.path, 'metrics')}): student {d.get('student')}, parameter "
                   f"`{d.get('parameter')}` over {_values(d.get('values'))}; {d.get('split')} seeds "
                   f"{_values(d.get('seeds'))}, {fmt(d.get('n_samples'))} samples; ± is {d.get('interval')}.", "",
-                  *_table(["value", "NFE", "seeds", "KL", "TV", "off-mode", "mode-mass error", "folded", "status"], rows)]
+                  *_table(["value", "MA", "NFE", "seeds", "KL", "TV", "off-mode", "mode-mass error", "folded",
+                           "status"], rows)]
     return lines
 
 
@@ -243,10 +252,31 @@ def toy2d_ablation(ctx: Context) -> list[str]:
         return lines + _not_run(ctx, "ablation")
     rows = [[f"`{r['variant']}`", str(r.get("description", MISSING)), str(r.get("nfe")),
              plus_minus(r.get("kl"), r.get("kl_hw")), plus_minus(r.get("tv"), r.get("tv_hw")), fmt(r.get("off_mode")),
-             fmt(r.get("step_ms")), fmt(r.get("peak_mb")), str(r.get("status", MISSING))]
+             plus_minus(r.get("mode_mass_error"), r.get("mode_mass_error_hw")), fmt(r.get("folded")),
+             fmt(r.get("mflops_per_step")), fmt(r.get("saved_mib_per_step")), str(r.get("status", MISSING))]
             for r in need(data, "rows", FILES["ablation"])]
-    return lines + [f"Seeds {_values(data.get('seeds'))}, {fmt(data.get('n_samples'))} samples.", "",
-                    *_table(["variant", "what", "NFE", "KL", "TV", "off-mode", "ms per step", "peak MB", "status"], rows)]
+    return lines + [f"Test seeds {_values(data.get('seeds'))}, {fmt(data.get('n_samples'))} samples per run and NFE; "
+                    "every MA variant at its student's selected weight. Training cost per step is counted "
+                    "(MFLOPs of matrix products, forward and backward; MiB autograd saves for the backward), "
+                    "so it is reproducible; measured wall-clock ratios: `benchmarks/bench_ablation_cost.py`. "
+                    f"Notebook: {ctx.link('results/toy2d/ablation/toy2d_ablation.ipynb', 'ablation')}.", "",
+                    *_table(["variant", "what", "NFE", "KL", "TV", "off-mode", "mode-mass error", "folded",
+                             "MFLOPs / step", "saved MiB / step", "status"], rows)]
+
+
+def toy2d_reflow_ma(ctx: Context) -> list[str]:
+    """The reflow + MA question, answered by ``replication.toy2d.findings`` from the test file and
+    the two reflow sweep families."""
+    from ..toy2d.findings import VERDICT_RULE, reflow_ma_answer
+
+    lines = ["### Does a principled setting make MA help vanilla reflow? (reflow + MA)", ""]
+    test = ctx.inputs.get("test")
+    families = {name: ctx.inputs.sweeps[name].data if name in ctx.inputs.sweeps else None
+                for name in ("reflow_ma_weight", "reflow_ma_continuous")}
+    if test is None or any(f is None for f in families.values()):
+        return lines + [f"Needs results/toy2d/test and the sweeps {sorted(families)}: {NOT_RUN}.", ""]
+    answer = reflow_ma_answer(test, families["reflow_ma_weight"], families["reflow_ma_continuous"], fmt=fmt)
+    return lines + [f"Verdict rule: {VERDICT_RULE}.", "", *[f"- {line}" for line in answer], ""]
 
 
 def _references(ctx: Context, ours: list[tuple[str, dict[str, Any]]], tier: str) -> list[str]:
@@ -321,7 +351,7 @@ def notebooks(ctx: Context) -> list[str]:
 
 Section = Callable[[Context], list[str]]
 SECTIONS: tuple[Section, ...] = (header, inputs_status, claims_checklist, toy2d_fig1, toy2d_tv_bound,
-                                 toy2d_underdetermination, toy2d_selection, toy2d_sweeps, toy2d_test,
+                                 toy2d_underdetermination, toy2d_selection, toy2d_sweeps, toy2d_test, toy2d_reflow_ma,
                                  toy2d_ablation, toy2d_references, images_summary, images_tests,
                                  images_references, paper_numbers, notebooks)
 

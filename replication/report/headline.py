@@ -121,26 +121,35 @@ def toy2d_test(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
 
 def toy2d_selection(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
     """``toy2d.selection.<student>.<parameter>.value`` / ``.score``: the chosen hyper-parameters."""
-    data = inputs.get("selection")
+    data = inputs.get("test")  # the test stage records what it selected, and on which seeds
     if data is None:
         return
-    for row in _rows(data, "selected", FILES["selection"]):
-        flat.put(row.get("value"), "toy2d.selection", row["student"], row["parameter"], "value")
+    for row in _rows(data, "selected", FILES["test"]):
+        value = row.get("value")
+        try:  # a grid label ("0.3") is a number; a word ("continuous") is no metric
+            value = float(value)
+        except (TypeError, ValueError):
+            value = None
+        flat.put(value, "toy2d.selection", row["student"], row["parameter"], "value")
         flat.put(row.get("score"), "toy2d.selection", row["student"], row["parameter"], "score")
 
 
 def toy2d_ablation(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
-    """``toy2d.ablation.<metric>.<variant>.nfe<N>.mean`` / ``.hw`` and ``...step_ms`` / ``peak_mb``."""
+    """``toy2d.ablation.<metric>.<variant>.nfe<N>.mean`` / ``.hw`` and the counted cost per step
+    ``toy2d.ablation.mflops_per_step.<variant>`` / ``saved_mib_per_step`` (one per variant)."""
     data = inputs.get("ablation")
     if data is None:
         return
+    costed = set()
     for row in (r for r in _rows(data, "rows", FILES["ablation"]) if r.get("nfe") in cfg.nfe):
         nfe = f"nfe{row['nfe']}"
         for metric in cfg.toy2d_metrics:
             flat.put(row.get(metric), "toy2d.ablation", metric, row["variant"], nfe, "mean")
             flat.put(row.get(f"{metric}_hw"), "toy2d.ablation", metric, row["variant"], nfe, "hw")
-        for cost in ("step_ms", "peak_mb"):
-            flat.put(row.get(cost), "toy2d.ablation", cost, row["variant"], nfe)
+        if row["variant"] not in costed:  # the cost does not depend on the NFE of the sampler
+            costed.add(row["variant"])
+            for cost in ("mflops_per_step", "saved_mib_per_step"):
+                flat.put(row.get(cost), "toy2d.ablation", cost, row["variant"])
 
 
 def toy2d_sweeps(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:

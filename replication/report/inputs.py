@@ -19,7 +19,6 @@ FILES: dict[str, str] = {
     "fig1": "results/toy2d/fig1_mog/metrics.json",
     "tv_bound": "results/toy2d/tv_bound/metrics.json",
     "underdetermination": "results/toy2d/underdetermination/metrics.json",
-    "selection": "results/toy2d/selection/metrics.json",
     "test": "results/toy2d/test/metrics.json",
     "ablation": "results/toy2d/ablation/metrics.json",
     "images_table": "results/images/table/metrics.json",

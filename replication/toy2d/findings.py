@@ -8,8 +8,10 @@ puts them together into the answer to "does a principled setting make MA help va
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+Format = Callable[[Any], str]
 
 #: the verdict rule of ``ma_verdict``, quoted in the report
 VERDICT_RULE = ("MA helps when some Holm-corrected test at an in-design NFE says the MA student is better and "
@@ -17,10 +19,11 @@ VERDICT_RULE = ("MA helps when some Holm-corrected test at an in-design NFE says
                 "otherwise no effect is shown (each untested cell is named)")
 
 
-def _num(value: Any, digits: int = 3) -> str:
+def three_digits(value: Any) -> str:
+    """The default rendering: three significant digits; ``undefined`` for None / NaN."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "undefined"
-    return f"{value:.{digits}g}"
+    return f"{value:.3g}"
 
 
 def ma_verdict(comparisons: Sequence[dict[str, Any]], comparison: str) -> str:
@@ -35,8 +38,9 @@ def ma_verdict(comparisons: Sequence[dict[str, Any]], comparison: str) -> str:
                                                                                          "no effect shown")
 
 
-def test_cells_sentence(comparisons: Sequence[dict[str, Any]], comparison: str) -> str:
-    """Every cell of ``comparison``: metric, NFE, delta and its verdict (or why untested)."""
+def test_cells_sentence(comparisons: Sequence[dict[str, Any]], comparison: str, fmt: Format = three_digits) -> str:
+    """Every cell of ``comparison``: metric, NFE, delta and its verdict (or why untested); numbers
+    rendered by ``fmt``."""
     parts = []
     for c in comparisons:
         if c["comparison"] != comparison:
@@ -45,29 +49,30 @@ def test_cells_sentence(comparisons: Sequence[dict[str, Any]], comparison: str) 
         if c.get("p_value") is None:
             parts.append(f"{c['metric']}@{c['nfe']}{mark} {c['verdict']}")
         elif c["verdict"] == "no difference shown":
-            parts.append(f"{c['metric']}@{c['nfe']}{mark} {c['delta']:+.3g} (not detected, MDE {c['mde']:.3g})")
+            parts.append(f"{c['metric']}@{c['nfe']}{mark} {fmt(c['delta'])} (not detected, MDE {fmt(c['mde'])})")
         else:
-            parts.append(f"{c['metric']}@{c['nfe']}{mark} {c['delta']:+.3g} ({c['verdict']}, Holm p "
-                         f"{c['p_holm']:.2g})")
+            parts.append(f"{c['metric']}@{c['nfe']}{mark} {fmt(c['delta'])} ({c['verdict']}, Holm p "
+                         f"{fmt(c['p_holm'])})")
     return "; ".join(parts)
 
 
-def family_evidence(family: dict[str, Any], nfes: Sequence[int], folded_nfe: int) -> str:
+def family_evidence(family: dict[str, Any], nfes: Sequence[int], folded_nfe: int,
+                    fmt: Format = three_digits) -> str:
     """Point by point (grid order, MA points): mean validation KL at ``nfes`` and the folded
     fraction at ``folded_nfe``."""
     rows = {(r["value"], r["nfe"]): r for r in family["rows"] if r["ma"]}
     parts = []
     for value in family["values"]:
-        kls = "/".join(_num(rows[(value, n)]["kl"]) if (value, n) in rows else "–" for n in nfes)
+        kls = " / ".join(fmt(rows[(value, n)]["kl"]) if (value, n) in rows else "–" for n in nfes)
         folded = rows.get((value, folded_nfe), {}).get("folded")
-        parts.append(f"{value}: KL {kls}, folded {_num(folded, 2)}")
-    label = "/".join(str(n) for n in nfes)
+        parts.append(f"{value}: KL {kls}, folded {fmt(folded)}")
+    label = " / ".join(str(n) for n in nfes)
     return (f"{family['parameter']} of {family['student']} (KL at {label} NFE, folded fraction at "
             f"{folded_nfe} NFE; {len(family['seeds'])} validation seeds): " + "; ".join(parts))
 
 
 def reflow_ma_answer(test: dict[str, Any], weight_family: dict[str, Any], continuous_family: dict[str, Any],
-                     comparison: str = "reflow_ma - reflow") -> list[str]:
+                     comparison: str = "reflow_ma - reflow", fmt: Format = three_digits) -> list[str]:
     """The reflow + MA question answered from the numbers: the selected setting, its test verdict
     and every cell, and the sweep evidence of both families (the discrete log-det over lambda and the
     continuous log-det over sub-steps)."""
@@ -81,7 +86,7 @@ def reflow_ma_answer(test: dict[str, Any], weight_family: dict[str, Any], contin
         lines.append(f"Selected on the validation seeds: {chosen['parameter']} = {chosen['value']} from "
                      f"{chosen['grid']} ({chosen['criterion']})" + (f"; {', '.join(notes)}" if notes else "") + ".")
     lines.append(f"On the test seeds MA {ma_verdict(test['comparisons'], comparison)} ({comparison}: "
-                 f"{test_cells_sentence(test['comparisons'], comparison)}; `*`: outside the design).")
-    lines.append("Sweep, discrete log-det: " + family_evidence(weight_family, nfes, 1) + ".")
-    lines.append("Sweep, continuous log-det: " + family_evidence(continuous_family, nfes, 1) + ".")
+                 f"{test_cells_sentence(test['comparisons'], comparison, fmt)}; `*`: outside the design).")
+    lines.append("Sweep, discrete log-det: " + family_evidence(weight_family, nfes, 1, fmt) + ".")
+    lines.append("Sweep, continuous log-det: " + family_evidence(continuous_family, nfes, 1, fmt) + ".")
     return lines
