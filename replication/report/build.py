@@ -125,15 +125,19 @@ def claims_checklist(ctx: Context) -> list[str]:
     return lines
 
 
+def _student_rows(rows: list[dict[str, Any]], error: str) -> list[list[str]]:
+    """Table cells of student rows: KL, TV and off-mode ± their ``<metric>_<error>``."""
+    return [[r["student"], str(r["nfe"]), _flag(r.get("crosses_windows")),
+             *(plus_minus(r.get(m), r.get(f"{m}_{error}")) for m in ("kl", "tv", "off_mode")),
+             fmt(r.get("mode_mass_error")), fmt(r.get("folded")), str(r.get("status", MISSING))] for r in rows]
+
+
 def toy2d_fig1(ctx: Context) -> list[str]:
     lines = ["## The exact mixture tier (toy2d)", "", "### Few-step quality (fig1_mog)", ""]
     data = ctx.inputs.get("fig1")
     if data is None:
         return lines + _not_run(ctx, "fig1")
-    rows = [[r["student"], str(r["nfe"]), _flag(r.get("crosses_windows")), plus_minus(r.get("kl"), r.get("kl_se")),
-             plus_minus(r.get("tv"), r.get("tv_se")), plus_minus(r.get("off_mode"), r.get("off_mode_se")),
-             fmt(r.get("mode_mass_error")), fmt(r.get("folded")), str(r.get("status", MISSING))]
-            for r in need(data, "table", FILES["fig1"])]
+    rows = _student_rows(need(data, "table", FILES["fig1"]), "se")
     return lines + [f"One training seed per student, {fmt(data.get('n_samples'))} samples; ± is the "
                     "Monte-Carlo standard error. KL and TV are exact up to Monte-Carlo error and lower "
                     "bounds where samples fold. Noise floor (two teacher sample sets): off-mode "
@@ -228,10 +232,7 @@ def toy2d_test(ctx: Context) -> list[str]:
     data = ctx.inputs.get("test")
     if data is None:
         return lines + _not_run(ctx, "test")
-    rows = [[r["student"], str(r["nfe"]), _flag(r.get("crosses_windows")), plus_minus(r.get("kl"), r.get("kl_hw")),
-             plus_minus(r.get("tv"), r.get("tv_hw")), plus_minus(r.get("off_mode"), r.get("off_mode_hw")),
-             fmt(r.get("mode_mass_error")), fmt(r.get("folded")), str(r.get("status", MISSING))]
-            for r in need(data, "rows", FILES["test"])]
+    rows = _student_rows(need(data, "rows", FILES["test"]), "hw")
     design = design_map(data["rows"], "student", "crosses_windows")
     tests = paired_tests(data.get("comparisons") or [], design)
     comparisons = [[f"`{t.comparison}`", t.metric, str(t.nfe), _flag(t.in_design), fmt(t.delta), fmt(t.p_holm),

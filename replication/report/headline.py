@@ -65,12 +65,18 @@ def toy2d_fig1(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
     data = inputs.get("fig1")
     if data is None:
         return
-    rows = _rows(data, "table", FILES["fig1"])
-    _check_columns(rows, cfg.toy2d_metrics, "toy2d_metrics", f"{FILES['fig1']} table")
+    _student_metrics(flat, _rows(data, "table", FILES["fig1"]), cfg, "toy2d", "se", f"{FILES['fig1']} table")
+
+
+def _student_metrics(flat: Flat, rows: list[dict[str, Any]], cfg: ReportConfig, prefix: str, error: str,
+                     where: str) -> None:
+    """``<prefix>.<metric>.<student>.nfe<N>.mean`` and ``.<error>`` (the row's ``<metric>_<error>``)
+    for the headline metrics and NFE of ``cfg``."""
+    _check_columns(rows, cfg.toy2d_metrics, "toy2d_metrics", where)
     for row in (r for r in rows if r.get("nfe") in cfg.nfe):
         for metric in cfg.toy2d_metrics:
-            flat.put(row.get(metric), "toy2d", metric, row["student"], f"nfe{row['nfe']}", "mean")
-            flat.put(row.get(f"{metric}_se"), "toy2d", metric, row["student"], f"nfe{row['nfe']}", "se")
+            flat.put(row.get(metric), prefix, metric, row["student"], f"nfe{row['nfe']}", "mean")
+            flat.put(row.get(f"{metric}_{error}"), prefix, metric, row["student"], f"nfe{row['nfe']}", error)
 
 
 TV_BOUND_TERMS = ("final_tv", "sum_local_tv", "pinsker_local_kl")
@@ -108,12 +114,7 @@ def toy2d_test(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
     data = inputs.get("test")
     if data is None:
         return
-    rows = _rows(data, "rows", FILES["test"])
-    _check_columns(rows, cfg.toy2d_metrics, "toy2d_metrics", f"{FILES['test']} rows")
-    for row in (r for r in rows if r.get("nfe") in cfg.nfe):
-        for metric in cfg.toy2d_metrics:
-            flat.put(row.get(metric), "toy2d.test", metric, row["student"], f"nfe{row['nfe']}", "mean")
-            flat.put(row.get(f"{metric}_hw"), "toy2d.test", metric, row["student"], f"nfe{row['nfe']}", "hw")
+    _student_metrics(flat, _rows(data, "rows", FILES["test"]), cfg, "toy2d.test", "hw", f"{FILES['test']} rows")
     for test in data.get("comparisons") or []:
         for stat in ("delta", "p_holm", "mde"):
             flat.put(test.get(stat), "toy2d.test.delta", test["metric"], test["comparison"], f"nfe{test['nfe']}", stat)
