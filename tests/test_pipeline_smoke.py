@@ -64,8 +64,15 @@ def _metrics(repo: Path, rel: str) -> dict:
     return json.loads((repo / rel).read_text())
 
 
+def _dvc_stages(repo: Path) -> dict:
+    """dvc.yaml's stages with ``foreach`` expanded (``NAME@ITEM``, ``${item}`` filled in)."""
+    from test_config_validation import expand_foreach
+
+    return expand_foreach(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
 def _check_outputs(repo: Path, names: list[str]) -> None:
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    stages = _dvc_stages(repo)
     for name, stage in ((n, stages[n]) for n in names):
         for out in stage["outs"]:
             path = repo / (out if isinstance(out, str) else next(iter(out)))
@@ -78,8 +85,11 @@ def _check_outputs(repo: Path, names: list[str]) -> None:
         for entry in stage.get("metrics", []):
             assert _metrics(repo, next(iter(entry))), f"{name}: empty metrics"
         for entry in stage.get("plots", []):
-            png = repo / next(iter(entry))
-            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+            plot = repo / next(iter(entry))
+            if plot.suffix == ".png":
+                assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{plot} is not a PNG"
+            else:  # a data plot (dvc plots show renders it): a header and at least one row
+                assert len(plot.read_text().splitlines()) >= 2, f"{plot} has no rows"
 
 
 def _check_claims(repo: Path, params: dict) -> None:
@@ -139,8 +149,14 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
     return repo, load_params(repo / "params.yaml", profiles_dir=repo / "replication" / "profiles")
 
 
-def _tier_stages(tier: str) -> list[str]:
-    return [s.name for s in tiers()[tier].stages]
+#: the 2-D tier's analysis stages (sweeps, sensitivity, test table, ablation): smoke-run by
+#: ``test_tiny_profile_analysis_stages``, not retrained by the end-to-end test
+ANALYSIS = ("toy2d_sweep@", "toy2d_sensitivity", "toy2d_test", "toy2d_ablation")
+
+
+def _tier_stages(tier: str, analysis: bool = False) -> list[str]:
+    names = [s.name for s in tiers()[tier].stages]
+    return [n for n in names if n.startswith(ANALYSIS) == analysis]
 
 
 @pytest.mark.slow
@@ -234,3 +250,61 @@ def test_tiny_profile_image_tier_end_to_end(tiny_repo):
     assert forced.stdout.count("Running stage") == 1
     dirty = _run(["git", "status", "--porcelain"], repo).stdout
     assert dirty == "", f"re-running the table changed the committed tree:\n{dirty}"
+
+
+def _check_analysis_claims(repo: Path, params: dict) -> None:
+    """What the sweeps, the selection, the test table and the ablation state on any profile."""
+    sweep = params["toy2d_sweep"]
+    validation, test_seeds = sweep["validation_seeds"], sweep["test_seeds"]
+    assert not set(validation) & set(test_seeds)
+    for name, family in sweep["families"].items():
+        m = _metrics(repo, f"results/toy2d/sweep/{name}/metrics.json")
+        assert m["split"] == "validation" and m["seeds"] == validation and m["n_samples"] == sweep["n_samples"]
+        twins = [True, False] if family["baseline"] else [True]
+        cells = {(r["value"], r["ma"], r["nfe"]) for r in m["rows"]}
+        assert cells == {(v, ma, n) for v in m["values"] for ma in twins for n in sweep["nfe"]}, name
+        assert all(r["seeds"] == len(validation) for r in m["rows"])
+    test = _metrics(repo, "results/toy2d/test/metrics.json")
+    assert test["seeds"] == {"validation": validation, "test": test_seeds}
+    for chosen in test["selected"]:
+        rule = params["toy2d_test"]["select"][chosen["student"]]
+        family = _metrics(repo, f"results/toy2d/sweep/{rule['family']}/metrics.json")
+        assert chosen["seeds"] == validation and chosen["value"] in family["values"]
+        eligible = [r for r in family["rows"] if r["ma"] and r["nfe"] == rule["nfe"] and r["status"] == "ok"
+                    and r["value"] not in {str(v).rstrip("0").rstrip(".") for v in rule["exclude"]}]
+        assert chosen["score"] == min(r[rule["metric"]] for r in eligible)  # the validation minimum
+    students = params["toy2d_train"]["students"]
+    assert {(r["student"], r["nfe"]) for r in test["rows"]} == {(s, n) for s in students
+                                                                 for n in params["toy2d_eval"]["nfe"]}
+    assert all(r["seeds"] == len(test_seeds) for r in test["rows"])
+    m = sum(c["p_value"] is not None for c in test["comparisons"])
+    for c in test["comparisons"]:
+        if c["p_value"] is not None:
+            assert c["p_value"] <= c["p_holm"] <= min(1.0, m * c["p_value"]) + 1e-12
+    ablation = _metrics(repo, "results/toy2d/ablation/metrics.json")
+    variants = params["toy2d_ablation"]["variants"]
+    assert ablation["seeds"] == test_seeds[: params["toy2d_ablation"]["n_seeds"]]
+    assert {(r["variant"], r["nfe"]) for r in ablation["rows"]} == {(v, n) for v in variants
+                                                                     for n in params["toy2d_eval"]["nfe"]}
+    cost = {r["variant"]: r["mflops_per_step"] for r in ablation["rows"]}
+    for name, variant in variants.items():  # the MA term only adds work to a step
+        if students[variant["student"]]["ma"]:
+            assert cost[name] > cost["tm_only"], name
+
+
+@pytest.mark.slow
+def test_tiny_profile_analysis_stages_and_report(tiny_repo):
+    """After the two tiers' runs: the sweeps, the sensitivity figure, the honest selection and test
+    table, the ablation and the report; their claims, the report's provenance, a no-op rerun."""
+    repo, params = tiny_repo
+    stages = [*_tier_stages("toy2d", analysis=True), "report"]
+    _run(["dvc", "repro", "report"], repo, timeout=1500)
+    _check_outputs(repo, stages)
+    _check_analysis_claims(repo, params)
+    report = (repo / "results/report/REPORT.md").read_text()
+    assert "### Selected hyper-parameters (selection)" in report and "not run" not in report.split("## The image tier")[0]
+    headline = _metrics(repo, "results/report/headline.json")
+    assert any(k.startswith("toy2d.test.kl.") for k in headline) and all(isinstance(v, int | float)
+                                                                          for v in headline.values())
+    again = _run(["dvc", "repro", "report"], repo)
+    assert "Running stage" not in again.stdout, again.stdout
