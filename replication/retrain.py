@@ -34,6 +34,8 @@ def persistent_outputs(tier_names: list[str] | None = None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", action="append", help="only this tier (repeatable); default all")
+    parser.add_argument("--stage", action="append", help="re-execute only this stage (repeatable; default: "
+                        "every stage of the chosen tiers); the tiers' checkpoints are deleted all the same")
     parser.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.tier or []) - set(root_tiers()))
@@ -45,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: tier {name!r}: {why}; tiers of this project: {sorted(root_tiers())}",
               file=sys.stderr)
         return 2
+    chosen = [s.name for name in (args.tier or root_tiers()) for s in root_tiers()[name].stages]
+    stray = sorted(set(args.stage or []) - set(chosen))
+    if stray:
+        print(f"error: stage {stray[0]!r} is not a stage of the chosen tiers; stages: {chosen}", file=sys.stderr)
+        return 2
     for path in persistent_outputs(args.tier):
         print(f"{'would delete' if args.dry_run else 'deleting'} {path.relative_to(REPO_ROOT)}")
         if not args.dry_run:
             shutil.rmtree(path, ignore_errors=True)
     if args.dry_run:
         return 0
-    targets = [] if not args.tier else [s.name for name in args.tier for s in root_tiers()[name].stages]
+    targets = args.stage or ([] if not args.tier else chosen)
     return subprocess.call(["dvc", "repro", "-f", *targets], cwd=REPO_ROOT)
 
 

@@ -178,7 +178,8 @@ def test_tiny_profile_pipeline_end_to_end(tiny_repo):
     _run([*GIT, "commit", "-qm", "first run"], repo)
     # retrain = delete the checkpoints, then `dvc repro -f`: every notebook re-executed, every
     # student trained anew, and not one committed byte (dvc.lock's checkpoint hashes included) moves
-    retrained = _run([sys.executable, "-m", "replication.retrain", "--tier", "toy2d"], repo)
+    retrained = _run([sys.executable, "-m", "replication.retrain", "--tier", "toy2d",
+                      *(arg for name in stages for arg in ("--stage", name))], repo)
     assert retrained.stdout.count("Running stage") == len(stages), retrained.stdout
     dirty = _run(["git", "status", "--porcelain"], repo).stdout
     assert dirty == "", f"retraining from scratch changed the committed tree:\n{dirty}"
