@@ -20,7 +20,8 @@ The rules, per value found at the same key path in both runs:
 - **The error bars themselves** are estimates: two runs' bars agree when their ratio is within
   ``--error-ratio`` (2).
 - **A float without a stated error** agrees when ``|a - b| <= atol + rtol * max(|a|, |b|)``
-  (``rtol = 1e-6``, ``atol = 0``): a strict check, reported as "no stated error" so that a
+  (``rtol = 1e-6``, ``atol = 1e-9``: a quantity that is zero up to rounding, the FID of a set with
+  itself, is -1e-10 on one machine and -5e-12 on the next): a strict check, reported as "no stated error" so that a
   difference there is read as "differs in the last digits", not "disagrees beyond the noise".
   Bit-identical numbers are counted apart.
 - **Integers, strings, booleans, counts** (floats named ``seeds``, ``*_seeds``, ``*_samples``, ...)
@@ -83,7 +84,7 @@ class InputError(Exception):
 class Rules:
     z: float = 3.0
     rtol: float = 1e-6
-    atol: float = 0.0
+    atol: float = 1e-9
     error_ratio: float = 2.0
     alpha: float = 0.05
 
@@ -689,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--json", type=Path, metavar="OUT", help="write the whole comparison here")
     add("--z", type=float, default=Rules.z, help="stated errors: agree within z combined SE (3)")
     add("--rtol", type=float, default=Rules.rtol, help="no stated error: relative tolerance (1e-6)")
-    add("--atol", type=float, default=Rules.atol, help="no stated error: absolute tolerance (0)")
+    add("--atol", type=float, default=Rules.atol, help="no stated error: absolute tolerance (1e-9)")
     add("--error-ratio", type=float, default=Rules.error_ratio, help="error bars agree within this ratio (2)")
     add("--alpha", type=float, default=Rules.alpha, help="the verdict tests' level (0.05)")
     args = parser.parse_args(argv)

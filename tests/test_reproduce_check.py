@@ -155,12 +155,24 @@ def test_a_float_without_an_error_is_checked_to_one_part_in_a_million(tmp_path):
     committed = _metrics()
     for factor, outcome, code in ((1 + 5e-7, "within tolerance", 0), (1 + 2e-6, "outside tolerance", 1)):
         run = _metrics()
-        run["noise_floor"]["mmd2"] = 0.001 * factor
+        committed["noise_floor"]["mmd2"] = 1.0
+        run["noise_floor"]["mmd2"] = 1.0 * factor
         got, text, doc = _check(tmp_path / outcome.replace(" ", "_"), {F: run}, {F: committed})
         item = _value(doc, F, "noise_floor.mmd2")
         assert (item["kind"], item["outcome"], got) == ("no stated error", outcome, code)
-        assert item["bound"] == pytest.approx(1e-6 * 0.001 * factor)
+        assert item["bound"] == pytest.approx(1e-9 + 1e-6 * factor)
     assert "without a stated error differ (strict check)" in text
+
+
+def test_a_number_that_is_zero_up_to_rounding_agrees_with_another_such(tmp_path):
+    """The FID of a set with itself: -1.1e-10 on one machine, -4.5e-12 on the next."""
+    committed, run = _metrics(), _metrics()
+    committed["noise_floor"]["mmd2"], run["noise_floor"]["mmd2"] = -1.0913936e-10, -4.547e-12
+    got, _, doc = _check(tmp_path / "zero", {F: run}, {F: committed})
+    assert (_value(doc, F, "noise_floor.mmd2")["outcome"], got) == ("within tolerance", 0)
+    run["noise_floor"]["mmd2"] = 3e-9
+    got, _, doc = _check(tmp_path / "not_zero", {F: run}, {F: committed})
+    assert (_value(doc, F, "noise_floor.mmd2")["outcome"], got) == ("outside tolerance", 1)
 
 
 def test_a_changed_sample_count_is_not_comparable(tmp_path):
