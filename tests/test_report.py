@@ -186,7 +186,8 @@ def test_headline_of_the_optional_inputs(tmp_path):
             "family": "ma_weight", "student": "perflow_ma", "parameter": "ma_weight", "values": [0.1, 0.3],
             "split": "validation", "seeds": [1, 2], "n_samples": 500, "interval": "t half-width",
             "rows": [{"value": 0.3, "ma": True, "nfe": 4, "seeds": 2, "kl": 1.0, "kl_hw": 0.2, "tv": 0.25,
-                      "tv_hw": 0.03, "status": "ok"}]},
+                      "tv_hw": 0.03, "status": "ok"},
+                     {"value": 0.3, "ma": False, "nfe": 4, "seeds": 2, "kl": 1.5, "status": "ok"}]},
     }
     flat = headline(load_inputs(_write(tmp_path, files)), _cfg())
     assert flat == {
@@ -199,6 +200,7 @@ def test_headline_of_the_optional_inputs(tmp_path):
         "toy2d.ablation.kl.no_logdet.nfe4.mean": 1.3, "toy2d.ablation.kl.no_logdet.nfe4.hw": 0.1,
         "toy2d.ablation.tv.no_logdet.nfe4.mean": 0.3, "toy2d.ablation.tv.no_logdet.nfe4.hw": 0.02,
         "toy2d.ablation.mflops_per_step.no_logdet": 3.5, "toy2d.ablation.saved_mib_per_step.no_logdet": 12.0,
+        "toy2d.sweep.ma_weight.kl.v0_3_noma.nfe4.mean": 1.5,
         "toy2d.sweep.ma_weight.kl.v0_3.nfe4.mean": 1.0, "toy2d.sweep.ma_weight.kl.v0_3.nfe4.hw": 0.2,
         "toy2d.sweep.ma_weight.tv.v0_3.nfe4.mean": 0.25, "toy2d.sweep.ma_weight.tv.v0_3.nfe4.hw": 0.03,
     }

@@ -154,12 +154,13 @@ def toy2d_ablation(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
 
 
 def toy2d_sweeps(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
-    """``toy2d.sweep.<family>.<metric>.v<value>.nfe<N>.mean`` / ``.hw`` (validation seeds)."""
+    """``toy2d.sweep.<family>.<metric>.v<value>.nfe<N>.mean`` / ``.hw`` (validation seeds); a no-MA
+    twin's value is ``v<value>_noma``."""
     for family, sweep in inputs.sweeps.items():
         if sweep.data is None:
             continue
         for row in (r for r in _rows(sweep.data, "rows", sweep.path) if r.get("nfe") in cfg.nfe):
-            value = f"v{row['value']}"
+            value = f"v{row['value']}" + ("" if row.get("ma", True) else "_noma")
             for metric in cfg.toy2d_metrics:
                 flat.put(row.get(metric), "toy2d.sweep", family, metric, value, f"nfe{row['nfe']}", "mean")
                 flat.put(row.get(f"{metric}_hw"), "toy2d.sweep", family, metric, value, f"nfe{row['nfe']}", "hw")
