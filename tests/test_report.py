@@ -200,6 +200,12 @@ def test_headline_of_the_optional_inputs(tmp_path):
         "toy2d.ablation.kl.no_logdet.nfe4.mean": 1.3, "toy2d.ablation.kl.no_logdet.nfe4.hw": 0.1,
         "toy2d.ablation.tv.no_logdet.nfe4.mean": 0.3, "toy2d.ablation.tv.no_logdet.nfe4.hw": 0.02,
         "toy2d.ablation.mflops_per_step.no_logdet": 3.5, "toy2d.ablation.saved_mib_per_step.no_logdet": 12.0,
+    }
+    from replication.report.headline import Flat, toy2d_sweeps
+
+    sweeps = Flat()
+    toy2d_sweeps(load_inputs(tmp_path), _cfg(), sweeps)
+    assert sweeps.values == {
         "toy2d.sweep.ma_weight.kl.v0_3_noma.nfe4.mean": 1.5,
         "toy2d.sweep.ma_weight.kl.v0_3.nfe4.mean": 1.0, "toy2d.sweep.ma_weight.kl.v0_3.nfe4.hw": 0.2,
         "toy2d.sweep.ma_weight.tv.v0_3.nfe4.mean": 0.25, "toy2d.sweep.ma_weight.tv.v0_3.nfe4.hw": 0.03,

@@ -200,7 +200,9 @@ def images_deltas(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
 
 
 Flattener = Callable[[Inputs, ReportConfig, Flat], None]
-FLATTENERS: tuple[Flattener, ...] = (toy2d_fig1, toy2d_tv_bound, toy2d_underdetermination, toy2d_sweeps,
+#: the sweep families are not headline numbers (hundreds of cells; each family's own metrics file and
+#: ``curve.csv`` plot carry them in DVC): ``toy2d_sweeps`` flattens them for whoever wants them flat
+FLATTENERS: tuple[Flattener, ...] = (toy2d_fig1, toy2d_tv_bound, toy2d_underdetermination,
                                      toy2d_selection, toy2d_test, toy2d_ablation, images_summary, images_deltas)
 
 
