@@ -123,8 +123,10 @@ def test_an_unknown_key_is_named(profile, path, key, value):
 GPU_FILE = "replication/gpu/params.yaml"
 #: both params files as their stages read them (the GPU file with ``device: cpu``: no GPU here)
 FILES = {"params.yaml": BASE, GPU_FILE: with_value(load_params(ROOT / GPU_FILE), ("cifar10", "device"), "cpu")}
-#: mappings whose entries are the user's own (students, evaluated models): dropping one is a choice
-USER_MAPPINGS = ("students", "models")
+#: mappings whose entries are the user's own (students, evaluated models, sweep families, tuned
+#: students, ablation variants, a family's fixed settings, a variant's overrides): dropping one is a
+#: choice (a cross-section check names a family the stages need)
+USER_MAPPINGS = ("students", "models", "families", "select", "variants", "fixed", "overrides")
 
 
 def key_paths(node: Any, prefix: tuple = ()) -> list[tuple]:

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ConfigError, require
 from .config import TrainStageConfig
-from .sweep import OVERRIDES, _set
+from .sweep import OVERRIDES, _set, finite
 
 
 @dataclass
@@ -43,6 +43,8 @@ class Variant:
         for key in self.overrides:
             require(key in OVERRIDES, f"{where}.overrides.{key}", self.overrides[key],
                     f"not a sweepable setting; known: {sorted(OVERRIDES)}")
+            require(finite(self.overrides[key]), f"{where}.overrides.{key}", self.overrides[key],
+                    "expected a finite number")
 
     @property
     def reuses_test_run(self) -> bool:

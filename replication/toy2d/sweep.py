@@ -65,9 +65,12 @@ class SweepFamily:
         labels = [value_label(v) for v in self.values]
         repeated = sorted({v for v in labels if labels.count(v) > 1})
         require(not repeated, f"{where}.values", self.values, f"{repeated} listed more than once")
+        for i, value in enumerate(self.values):
+            require(finite(value), f"{where}.values[{i}]", value, "expected a finite number")
         for key in self.fixed:
             require(key in OVERRIDES, f"{where}.fixed.{key}", self.fixed[key],
                     f"not a sweepable setting; known: {sorted(OVERRIDES)}")
+            require(finite(self.fixed[key]), f"{where}.fixed.{key}", self.fixed[key], "expected a finite number")
         require(self.parameter not in self.fixed, f"{where}.fixed.{self.parameter}",
                 self.fixed.get(self.parameter), "the swept parameter cannot also be fixed")
         require(not (self.baseline and self.parameter.startswith("ma.")), f"{where}.baseline", self.baseline,
@@ -99,6 +102,13 @@ class SweepConfig:
         for name in self.families:
             require(name.replace("_", "").isalnum(), f"{where}.families.{name}", name,
                     "a family name is a stage name: letters, digits and underscores only")
+
+
+def finite(value: Any) -> bool:
+    """No non-finite float in ``value`` (a number, a word or a list of them)."""
+    if isinstance(value, list | tuple):
+        return all(finite(v) for v in value)
+    return not (isinstance(value, float) and not math.isfinite(value))
 
 
 def value_label(value: Any) -> str:
