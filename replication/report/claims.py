@@ -116,12 +116,20 @@ def ma_improves_marginal_toy2d(inputs: Inputs, cfg: ReportConfig) -> Verdict:
     while the test file is absent or has no such test. (The fig1 table has one training seed: it
     shows MA's effect on that seed, not a test over seeds.) In design: the test rows'
     crosses_windows is false for both students."""
-    evidence = (FILES["test"], "notebooks/fig1_mog.py")
-    data = inputs.get("test")
+    return _ma_tests_verdict(inputs, cfg, "test", "notebooks/fig1_mog.py", "comparisons", "student",
+                             "crosses_windows")
+
+
+def _ma_tests_verdict(inputs: Inputs, cfg: ReportConfig, name: str, notebook: str, tests_key: str,
+                      label_key: str, design_key: str) -> Verdict:
+    """``judge_ma_tests`` on input ``name``'s paired tests (``tests_key``), in design where no row
+    (labelled by ``label_key``) at that NFE has ``design_key`` set; not testable yet without the file."""
+    evidence = (FILES[name], notebook)
+    data = inputs.get(name)
     if data is None:
-        return Verdict(NOT_YET, f"{FILES['test']}: {inputs.files['test'].status}", evidence)
-    design = design_map(need(data, "rows", FILES["test"]), "student", "crosses_windows")
-    return judge_ma_tests(paired_tests(need(data, "comparisons", FILES["test"]), design), cfg, evidence)
+        return Verdict(NOT_YET, f"{FILES[name]}: {inputs.files[name].status}", evidence)
+    design = design_map(need(data, "rows", FILES[name]), label_key, design_key)
+    return judge_ma_tests(paired_tests(need(data, tests_key, FILES[name]), design), cfg, evidence)
 
 
 def ma_improves_marginal_images(inputs: Inputs, cfg: ReportConfig) -> Verdict:
@@ -130,12 +138,8 @@ def ma_improves_marginal_images(inputs: Inputs, cfg: ReportConfig) -> Verdict:
     none says MA worse at an in-design NFE; not supported iff such tests exist otherwise; not
     testable yet without such a test (one training seed gives no test). In design: no per-seed row
     of either student at that NFE has fewer_steps_than_windows."""
-    evidence = (FILES["images_table"], "notebooks/table_images.py")
-    data = inputs.get("images_table")
-    if data is None:
-        return Verdict(NOT_YET, f"{FILES['images_table']}: {inputs.files['images_table'].status}", evidence)
-    design = design_map(need(data, "rows", FILES["images_table"]), "method", "fewer_steps_than_windows")
-    return judge_ma_tests(paired_tests(need(data, "paired_tests_holm", FILES["images_table"]), design), cfg, evidence)
+    return _ma_tests_verdict(inputs, cfg, "images_table", "notebooks/table_images.py", "paired_tests_holm",
+                             "method", "fewer_steps_than_windows")
 
 
 def tm_underdetermined_toy2d(inputs: Inputs, cfg: ReportConfig) -> Verdict:
