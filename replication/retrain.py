@@ -4,13 +4,14 @@
 checkpoints when they were made with the same params and library code, so a finished run is not
 retrained. This command deletes the persisted outputs of every tier's training stages (listed by
 each tier's ``persistent_outputs``) and then runs ``dvc repro -f``, so every student is trained anew.
+The ``.gitignore`` files DVC writes beside its outputs are committed, so they are kept: a stage not
+re-executed (``--stage``) would not write its folder's ``.gitignore`` again.
 ``--tier NAME`` (repeatable) limits both to that tier's outputs and stages.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,19 @@ def root_tiers() -> dict:
 def persistent_outputs(tier_names: list[str] | None = None) -> list[Path]:
     chosen = root_tiers() if not tier_names else {n: root_tiers()[n] for n in tier_names}
     return [REPO_ROOT / out for tier in chosen.values() for out in tier.persistent_outputs]
+
+
+def delete_keeping_gitignores(path: Path) -> None:
+    """Delete ``path`` (a file or a folder tree), except every ``.gitignore`` below it (DVC's, committed)
+    and the folders that hold one."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    for child in path.iterdir():
+        if child.name != ".gitignore":
+            delete_keeping_gitignores(child)
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in persistent_outputs(args.tier):
         print(f"{'would delete' if args.dry_run else 'deleting'} {path.relative_to(REPO_ROOT)}")
         if not args.dry_run:
-            shutil.rmtree(path, ignore_errors=True)
+            delete_keeping_gitignores(path)
     if args.dry_run:
         return 0
     targets = args.stage or ([] if not args.tier else chosen)

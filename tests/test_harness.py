@@ -232,6 +232,25 @@ def test_retrain_dry_run_lists_every_persistent_output():
     assert not any(out in proc.stdout for out in gpu)  # the GPU tiers' project is its own
 
 
+def test_retrain_deletes_outputs_but_keeps_dvc_gitignores(tmp_path):
+    from replication.retrain import delete_keeping_gitignores
+
+    out = tmp_path / "checkpoints" / "sweep"
+    (out / "family" / "run0").mkdir(parents=True)
+    (out / "family" / "run0" / "last.pt").write_bytes(b"x")
+    (out / "family" / "metrics.json").write_text("{}")
+    (out / ".gitignore").write_text("/family\n")
+    (tmp_path / "checkpoints" / "plain" / "deep").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "plain" / "deep" / "a.pt").write_bytes(b"x")
+    lone = tmp_path / "checkpoints" / "lone.pt"
+    lone.write_bytes(b"x")
+    for path in (out, tmp_path / "checkpoints" / "plain", lone, tmp_path / "absent"):
+        delete_keeping_gitignores(path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["checkpoints", "checkpoints/sweep", "checkpoints/sweep/.gitignore"]
+    assert (out / ".gitignore").read_text() == "/family\n"
+
+
 def test_cuda_device_is_checked_at_validation(params, monkeypatch):
     import torch
 

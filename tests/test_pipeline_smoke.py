@@ -303,7 +303,9 @@ def test_tiny_profile_analysis_stages_and_report(tiny_repo):
     _check_outputs(repo, stages)
     _check_analysis_claims(repo, params)
     report = (repo / "results/report/REPORT.md").read_text()
-    assert "### Selected hyper-parameters (selection)" in report and "not run" not in report.split("## The image tier")[0]
+    inputs = report.split("## Inputs")[1].split("\n## ")[0]
+    assert "### Selected hyper-parameters (selection)" in report and "| read |" in inputs
+    assert not [line for line in inputs.splitlines() if line.endswith("| not run |")], inputs
     headline = _metrics(repo, "results/report/headline.json")
     assert any(k.startswith("toy2d.test.kl.") for k in headline) and all(isinstance(v, int | float)
                                                                           for v in headline.values())
