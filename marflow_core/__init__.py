@@ -12,6 +12,19 @@ from .divergence import (
     sample_probes,
 )
 from .errors import CheckpointError, InvalidParameter, NonFiniteLossError, NonFiniteOutputError
+from .flow_map import (
+    FlowMapDistillationObjective,
+    FlowMapMatchingObjective,
+    TwoTimeMLP,
+    compose,
+    compose_with_logdet,
+)
+from .local_flow import (
+    BlockwiseField,
+    LocalFlowChain,
+    LocalFlowDistillationObjective,
+    LocalFlowMatchingObjective,
+)
 from .logdensity import FlowWithLogDet, euler_map_with_logdet, flow_with_logdet
 from .marginal import MAConfig, delta_field, ma_surrogate, ma_value_estimate, ma_value_rate
 from .models import TimeMLP, TimeMLPConfig, VelocityField
@@ -38,6 +51,15 @@ from .window_bank import (
 from .windows import TimeWindows, segment_point, segment_velocity
 
 __all__ = [
+    "FlowMapDistillationObjective",
+    "FlowMapMatchingObjective",
+    "TwoTimeMLP",
+    "compose",
+    "compose_with_logdet",
+    "BlockwiseField",
+    "LocalFlowChain",
+    "LocalFlowDistillationObjective",
+    "LocalFlowMatchingObjective",
     "CheckpointError",
     "DistillationObjective",
     "FlowMatchingObjective",
