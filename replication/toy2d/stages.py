@@ -9,6 +9,7 @@ from ..config import require
 from ..registry import StageSpec, Tier, section
 from .config import SECTIONS
 from .ablation import AblationConfig
+from .related import RelatedConfig
 from .selection import TestConfig
 from .sweep import SweepConfig, family_points, narrowed
 
@@ -16,6 +17,7 @@ CHECKPOINTS = "checkpoints/toy2d"
 SWEEP_CHECKPOINTS = "checkpoints/toy2d_sweep"
 TEST_CHECKPOINTS = "checkpoints/toy2d_test"
 ABLATION_CHECKPOINTS = "checkpoints/toy2d_ablation"
+RELATED_CHECKPOINTS = "checkpoints/toy2d_related"
 #: the swept families, one DVC stage each (``toy2d_sweep@<family>``, a ``foreach`` in dvc.yaml);
 #: ``toy2d_sweep.families`` in params.yaml defines exactly these
 SWEEP_FAMILIES: tuple[str, ...] = ("ma_weight", "ma_substeps", "continuous_substeps", "windows",
@@ -85,6 +87,17 @@ def ablation_variants_valid(params: dict[str, Any]) -> None:
     variant_students(ablation, {name: (train, student) for name, student in train.students.items()})
 
 
+def related_seeds_are_test_seeds(params: dict[str, Any]) -> None:
+    """The related methods run on the first ``n_seeds`` test seeds, beside the test table's students."""
+    related, sweep = section(params, "toy2d_related"), section(params, "toy2d_sweep")
+    require(related.n_seeds <= len(sweep.test_seeds), "toy2d_related.n_seeds", related.n_seeds,
+            f"the related methods run on the first n_seeds of toy2d_sweep.test_seeds ({sweep.test_seeds})")
+    train = section(params, "toy2d_train")
+    for i, name in enumerate(related.reference_students):
+        require(name in train.students, f"toy2d_related.reference_students[{i}]", name,
+                f"no such student in toy2d_train.students ({sorted(train.students)})")
+
+
 @dataclass(frozen=True)
 class SweepStage(StageSpec):
     """The stage of one sweep family: its notebook receives ``toy2d_sweep`` with that family only."""
@@ -101,7 +114,7 @@ EVAL = (*TRAIN, "toy2d_eval")
 TIER = Tier(
     name="toy2d",
     sections={**SECTIONS, "toy2d_sweep": SweepConfig, "toy2d_test": TestConfig,
-              "toy2d_ablation": AblationConfig},
+              "toy2d_ablation": AblationConfig, "toy2d_related": RelatedConfig},
     stages=(
         StageSpec("toy2d_train", "notebooks/toy2d_train.py", TRAIN, "results/toy2d/train"),
         StageSpec("fig1_mog", "notebooks/fig1_mog.py", (*EVAL, "fig1_mog"), "results/toy2d/fig1_mog",
@@ -120,6 +133,8 @@ TIER = Tier(
                   "results/toy2d/sensitivity"),
         StageSpec("toy2d_ablation", "notebooks/toy2d_ablation.py", (*EVAL, "toy2d_sweep", "toy2d_ablation"),
                   "results/toy2d/ablation", (ablation_variants_valid,)),
+        StageSpec("toy2d_related", "notebooks/toy2d_related.py", (*EVAL, "toy2d_sweep", "toy2d_related"),
+                  "results/toy2d/related", (related_seeds_are_test_seeds,)),
     ),
-    persistent_outputs=(CHECKPOINTS, SWEEP_CHECKPOINTS, TEST_CHECKPOINTS, ABLATION_CHECKPOINTS),
+    persistent_outputs=(CHECKPOINTS, SWEEP_CHECKPOINTS, TEST_CHECKPOINTS, ABLATION_CHECKPOINTS, RELATED_CHECKPOINTS),
 )
