@@ -7,8 +7,8 @@ from typing import Any
 
 from ..config import require
 from ..registry import StageSpec, Tier, section
-from .config import SECTIONS
 from .ablation import AblationConfig
+from .config import SECTIONS
 from .related import RelatedConfig
 from .selection import TestConfig
 from .sweep import SweepConfig, family_points, narrowed
