@@ -151,7 +151,7 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
 
 #: the 2-D tier's analysis stages (sweeps, sensitivity, test table, ablation): smoke-run by
 #: ``test_tiny_profile_analysis_stages``, not retrained by the end-to-end test
-ANALYSIS = ("toy2d_sweep@", "toy2d_sensitivity", "toy2d_test", "toy2d_ablation")
+ANALYSIS = ("toy2d_sweep@", "toy2d_sensitivity", "toy2d_test", "toy2d_ablation", "toy2d_related")
 
 
 def _tier_stages(tier: str, analysis: bool = False) -> list[str]:
@@ -291,6 +291,22 @@ def _check_analysis_claims(repo: Path, params: dict) -> None:
     for name, variant in variants.items():  # the MA term only adds work to a step
         if students[variant["student"]]["ma"]:
             assert cost[name] > cost["tm_only"], name
+    related = _metrics(repo, "results/toy2d/related/metrics.json")
+    rel = params["toy2d_related"]
+    n_blocks = len(rel["ou_steps"]) + 1
+    nfe = params["toy2d_eval"]["nfe"]
+    assert related["seeds"] == test_seeds[: rel["n_seeds"]]
+    assert {(r["method"], r["nfe"]) for r in related["rows"]} == {(m, n) for m in rel["methods"] for n in nfe}
+    assert all(r["crosses_windows"] == (r["method"].startswith("lfm") and r["nfe"] < n_blocks)
+               for r in related["rows"])
+    assert {(r["method"], r["nfe"]) for r in related["reference_rows"]} == {
+        (s, n) for s in rel["reference_students"] for n in nfe}  # this run's own test table
+    for method, cost in related["costs"].items():  # one network evaluation per NFE: cost linear in NFE
+        assert cost["mflops_per_step"] > 0 and cost["saved_mib_per_step"] > 0
+        per_nfe = [cost[f"sample_mflops_nfe{n}"] / n for n in nfe]
+        assert max(per_nfe) - min(per_nfe) < 1e-9 * max(per_nfe), method
+    if {"lfm", "lfm_distilled"} <= set(rel["methods"]):  # the distilled block's step runs the teacher's blocks too
+        assert related["costs"]["lfm_distilled"]["mflops_per_step"] > related["costs"]["lfm"]["mflops_per_step"]
 
 
 @pytest.mark.slow
@@ -299,7 +315,7 @@ def test_tiny_profile_analysis_stages_and_report(tiny_repo):
     table, the ablation and the report; their claims, the report's provenance, a no-op rerun."""
     repo, params = tiny_repo
     stages = [*_tier_stages("toy2d", analysis=True), "report"]
-    _run(["dvc", "repro", "report"], repo, timeout=1500)
+    _run(["dvc", "repro", "report", "toy2d_related"], repo, timeout=1500)
     _check_outputs(repo, stages)
     _check_analysis_claims(repo, params)
     report = (repo / "results/report/REPORT.md").read_text()
@@ -309,5 +325,5 @@ def test_tiny_profile_analysis_stages_and_report(tiny_repo):
     headline = _metrics(repo, "results/report/headline.json")
     assert any(k.startswith("toy2d.test.kl.") for k in headline) and all(isinstance(v, int | float)
                                                                           for v in headline.values())
-    again = _run(["dvc", "repro", "report"], repo)
+    again = _run(["dvc", "repro", "report", "toy2d_related"], repo)
     assert "Running stage" not in again.stdout, again.stdout

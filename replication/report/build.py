@@ -265,6 +265,27 @@ def toy2d_ablation(ctx: Context) -> list[str]:
                              "MFLOPs / step", "saved MiB / step", "status"], rows)]
 
 
+def toy2d_related(ctx: Context) -> list[str]:
+    lines = ["### Related few-step methods: Local Flow Matching and flow maps (related)", ""]
+    data = ctx.inputs.get("related")
+    if data is None:
+        return lines + _not_run(ctx, "related")
+    rows = [[f"`{r['method']}`", str(r.get("nfe")) + ("*" if r.get("crosses_windows") else ""),
+             plus_minus(r.get("kl"), r.get("kl_hw")), plus_minus(r.get("tv"), r.get("tv_hw")),
+             plus_minus(r.get("mode_mass_error"), r.get("mode_mass_error_hw")), fmt(r.get("folded")),
+             fmt(r.get("mflops_per_step")), fmt(r.get("sample_mflops")), str(r.get("needs", MISSING)),
+             str(r.get("status", MISSING))]
+            for r in need(data, "rows", FILES["related"])]
+    return lines + [f"Test seeds {_values(data.get('seeds'))}, {fmt(data.get('n_samples'))} samples per run and NFE; "
+                    "the same exact metrics, evaluation noise and training budget as the test table, whose PeRFlow "
+                    "rows are the comparison (no difference is tested: listed, not ranked). `*`: fewer NFE than "
+                    "LFM's blocks (outside its design). Cost: counted MFLOPs of one training step and of one "
+                    "generated sample. Notebook: "
+                    f"{ctx.link('results/toy2d/related/toy2d_related.ipynb', 'related')}.", "",
+                    *_table(["method", "NFE", "KL", "TV", "mode-mass error", "folded", "train MFLOPs / step",
+                             "sample MFLOPs", "needs", "status"], rows)]
+
+
 def toy2d_reflow_ma(ctx: Context) -> list[str]:
     """The reflow + MA question, answered by ``replication.toy2d.findings`` from the test file and
     the two reflow sweep families."""
@@ -353,7 +374,7 @@ def notebooks(ctx: Context) -> list[str]:
 Section = Callable[[Context], list[str]]
 SECTIONS: tuple[Section, ...] = (header, inputs_status, claims_checklist, toy2d_fig1, toy2d_tv_bound,
                                  toy2d_underdetermination, toy2d_selection, toy2d_sweeps, toy2d_test, toy2d_reflow_ma,
-                                 toy2d_ablation, toy2d_references, images_summary, images_tests,
+                                 toy2d_ablation, toy2d_related, toy2d_references, images_summary, images_tests,
                                  images_references, paper_numbers, notebooks)
 
 

@@ -153,6 +153,22 @@ def toy2d_ablation(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
                 flat.put(row.get(cost), "toy2d.ablation", cost, row["variant"])
 
 
+def toy2d_related(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
+    """``toy2d.related.kl.<method>.nfe<N>.mean`` / ``.hw`` and each method's counted training cost
+    ``toy2d.related.mflops_per_step.<method>`` (LFM and flow-map rows, test seeds)."""
+    data = inputs.get("related")
+    if data is None:
+        return
+    costed = set()
+    for row in (r for r in _rows(data, "rows", FILES["related"]) if r.get("nfe") in cfg.nfe):
+        nfe = f"nfe{row['nfe']}"
+        flat.put(row.get("kl"), "toy2d.related", "kl", row["method"], nfe, "mean")
+        flat.put(row.get("kl_hw"), "toy2d.related", "kl", row["method"], nfe, "hw")
+        if row["method"] not in costed:
+            costed.add(row["method"])
+            flat.put(row.get("mflops_per_step"), "toy2d.related", "mflops_per_step", row["method"])
+
+
 def toy2d_sweeps(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
     """``toy2d.sweep.<family>.<metric>.v<value>.nfe<N>.mean`` / ``.hw`` (validation seeds); a no-MA
     twin's value is ``v<value>_noma``."""
@@ -203,7 +219,8 @@ Flattener = Callable[[Inputs, ReportConfig, Flat], None]
 #: the sweep families are not headline numbers (hundreds of cells; each family's own metrics file and
 #: ``curve.csv`` plot carry them in DVC): ``toy2d_sweeps`` flattens them for whoever wants them flat
 FLATTENERS: tuple[Flattener, ...] = (toy2d_fig1, toy2d_tv_bound, toy2d_underdetermination,
-                                     toy2d_selection, toy2d_test, toy2d_ablation, images_summary, images_deltas)
+                                     toy2d_selection, toy2d_test, toy2d_ablation, toy2d_related, images_summary,
+                                     images_deltas)
 
 
 def headline(inputs: Inputs, cfg: ReportConfig) -> dict[str, float | int]:

@@ -21,6 +21,7 @@ FILES: dict[str, str] = {
     "underdetermination": "results/toy2d/underdetermination/metrics.json",
     "test": "results/toy2d/test/metrics.json",
     "ablation": "results/toy2d/ablation/metrics.json",
+    "related": "results/toy2d/related/metrics.json",
     "images_table": "results/images/table/metrics.json",
 }
 SWEEP_DIR = "results/toy2d/sweep"
