@@ -18,9 +18,12 @@
 # trained by the shared loop with the test table's optimizer, steps, batch size and widths, on the same
 # test seeds; scored with the same exact metrics (KL(q || p) with the exact log-density of each sampler,
 # mode-mass error for coverage, folded fraction) at the same NFE on the same evaluation noise. The test
-# table's PeRFlow rows stand beside them, read from `results/toy2d/test/table.csv`. Beside quality: the
-# counted training cost per step and the counted sampling cost per sample. No test of a difference is
-# made here: the table lists, it does not rank (docs/tiers.md). LFM's joint training on the exact OU
+# table's PeRFlow students stand beside them: their test-seed runs (`checkpoints/toy2d_test`, loaded,
+# not retrained) are scored here again, so every method is paired with them seed by seed. Each related
+# method is compared with PeRFlow + MA (the paper's method) by paired t-tests over the seeds, all
+# methods x metrics x NFE one Holm family, with the minimum detectable effect (`toy2d_test`'s level and
+# power). Beside quality: the counted training cost per step and the counted sampling cost per sample.
+# LFM's joint training on the exact OU
 # chain is a reconstruction choice (marflow_core/local_flow.py).
 
 # %% tags=["parameters"]
@@ -28,9 +31,11 @@ params = None
 out_dir = "results/toy2d/related"
 checkpoint_root = "checkpoints/toy2d_related"
 test_results = "results/toy2d/test"
+test_checkpoints = "checkpoints/toy2d_test"
 progress = True
 
 # %%
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -41,6 +46,7 @@ from tqdm.auto import tqdm
 
 from replication.notebook import save_figure, save_json, setup_plotting, stage_configs, write_text
 from replication.toy2d.ablation import step_cost
+from replication.toy2d.evaluate import evaluate_student
 from replication.toy2d.related import (
     METHODS,
     PREREQUISITE,
@@ -51,11 +57,18 @@ from replication.toy2d.related import (
     sampling_mflops,
     train_method,
 )
+from replication.toy2d.selection import (
+    Selection,
+    compare_students,
+    score_seeds,
+    tuned_students,
+    verdict_sentences,
+)
 from replication.toy2d.sweep import aggregate
-from replication.toy2d.tier import make_teacher
+from replication.toy2d.tier import load_run, make_teacher
 
-toy, train_cfg, eval_cfg, sweep, related = stage_configs(
-    params, ["toy2d", "toy2d_train", "toy2d_eval", "toy2d_sweep", "toy2d_related"])
+toy, train_cfg, eval_cfg, sweep, test_cfg, related = stage_configs(
+    params, ["toy2d", "toy2d_train", "toy2d_eval", "toy2d_sweep", "toy2d_test", "toy2d_related"])
 setup_plotting()
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +86,11 @@ for method in tqdm(related.methods, desc="methods", disable=not progress):
         model = train_method(method, seed, related, train_cfg, toy, teacher, root, progress=False)
         rows += [{**r, "seed": seed} for r in evaluate_method(method, model, related, teacher, eval_cfg)]
 runs = pd.DataFrame(rows)
+test = json.loads((Path(test_results) / "metrics.json").read_text())
+tuned = tuned_students(train_cfg, sweep.families, {s["student"]: Selection(**s) for s in test["selected"]})
+reference_runs = score_seeds({n: tuned[n] for n in related.reference_students}, seeds, toy, eval_cfg,
+                             Path(test_checkpoints), lambda *a, **k: None, load_run, evaluate_student, teacher,
+                             progress).drop(columns="method")  # its "student" names the run
 
 # %%
 costs = {}
@@ -91,10 +109,16 @@ cells["sample_mflops"] = [costs[m][f"sample_mflops_nfe{n}"] for m, n in zip(cell
 for key in ("mflops_per_step", "saved_mib_per_step"):
     cells[key] = cells["method"].map({m: c[key] for m, c in costs.items()})
 cells["needs"] = cells["method"].map(PREREQUISITE)
-reference = pd.read_csv(Path(test_results) / "table.csv")
-reference = reference[reference["student"].isin(related.reference_students)].rename(columns={"student": "method"})
+reference = pd.DataFrame(aggregate(reference_runs.rename(columns={"student": "method"}), sweep.level,
+                                   keys=("method", "nfe")))
 reference["needs"] = "the teacher"
-table = pd.concat([cells, reference.assign(source="test table")], ignore_index=True)
+paired = pd.concat([runs.rename(columns={"method": "student"}), reference_runs], ignore_index=True)
+control = "perflow_ma" if "perflow_ma" in related.reference_students else related.reference_students[0]
+comparisons = compare_students(paired, [[m, control] for m in related.methods], ["kl", "mode_mass_error"],
+                               test_cfg.alpha, test_cfg.power)
+sentences = verdict_sentences(comparisons, test_cfg.alpha)
+print("\n".join(sentences))
+table = pd.concat([cells, reference.assign(source="test-table runs")], ignore_index=True)
 table["source"] = table.get("source", pd.Series(dtype=object)).fillna("this stage")
 shown = ["method", "nfe", "seeds", "kl", "kl_hw", "tv", "tv_hw", "mode_mass_error", "mode_mass_error_hw",
          "folded", "crosses_windows", "status", "mflops_per_step", "saved_mib_per_step", "sample_mflops", "needs",
@@ -139,10 +163,14 @@ write_text("Generated by `notebooks/toy2d_related.py` from `metrics.json`; do no
            f"Test seeds {seeds}; {eval_cfg.n_samples} samples per run and NFE; mean ± 95% Student-t half-width over "
            "seeds; `*`: fewer steps than windows or blocks (outside the method's design); KL is a lower bound where "
            "`folded` > 0. Training cost: counted FLOPs (forward + backward) and autograd-saved MiB of one step; "
-           "sampling cost: counted FLOPs per sample. PeRFlow rows: the test table (`results/toy2d/test`), same seeds "
-           "and evaluation; their cost columns are in the ablation (`results/toy2d/ablation`). No difference is "
-           "tested here.\n\n" + "\n".join(lines) + "\n", out / "summary.md")
+           "sampling cost: counted FLOPs per sample. PeRFlow rows: the test table's runs (`checkpoints/toy2d_test`), "
+           "scored here on the same seeds and noise; their cost columns are in the ablation "
+           "(`results/toy2d/ablation`).\n\n" + "\n".join(lines) + "\n\n"
+           f"Each method vs {control}, paired by seed (kl, mode_mass_error):\n\n" + "\n".join(sentences) + "\n",
+           out / "summary.md")
 save_json({"seeds": seeds, "n_samples": eval_cfg.n_samples, "interval": "95% Student-t half-width over seeds",
            "methods": {m: METHODS[m] for m in related.methods}, "costs": costs,
-           "rows": cells.to_dict("records"), "reference_rows": reference.to_dict("records")}, out / "metrics.json")
+           "rows": cells.to_dict("records"), "reference_rows": reference.to_dict("records"),
+           "control": control, "comparisons": comparisons, "alpha": test_cfg.alpha, "power": test_cfg.power},
+          out / "metrics.json")
 table[shown].to_csv(out / "table.csv", index=False, float_format="%.6g")

@@ -301,6 +301,9 @@ def _check_analysis_claims(repo: Path, params: dict) -> None:
                for r in related["rows"])
     assert {(r["method"], r["nfe"]) for r in related["reference_rows"]} == {
         (s, n) for s in rel["reference_students"] for n in nfe}  # this run's own test table
+    tested = [c for c in related["comparisons"] if c["p_value"] is not None]
+    assert {c["treated"] for c in related["comparisons"]} == set(rel["methods"])
+    assert all(c["p_value"] <= c["p_holm"] <= min(1.0, len(tested) * c["p_value"]) + 1e-12 for c in tested)
     for method, cost in related["costs"].items():  # one network evaluation per NFE: cost linear in NFE
         assert cost["mflops_per_step"] > 0 and cost["saved_mib_per_step"] > 0
         per_nfe = [cost[f"sample_mflops_nfe{n}"] / n for n in nfe]

@@ -276,14 +276,19 @@ def toy2d_related(ctx: Context) -> list[str]:
              fmt(r.get("mflops_per_step")), fmt(r.get("sample_mflops")), str(r.get("needs", MISSING)),
              str(r.get("status", MISSING))]
             for r in need(data, "rows", FILES["related"])]
+    tests = [[f"`{c['comparison']}`", c["metric"], str(c["nfe"]), _flag(not c.get("outside_design")),
+              fmt(c.get("delta")), fmt(c.get("p_holm")), fmt(c.get("mde")), str(c.get("verdict", MISSING))]
+             for c in data.get("comparisons") or []]
     return lines + [f"Test seeds {_values(data.get('seeds'))}, {fmt(data.get('n_samples'))} samples per run and NFE; "
                     "the same exact metrics, evaluation noise and training budget as the test table, whose PeRFlow "
-                    "rows are the comparison (no difference is tested: listed, not ranked). `*`: fewer NFE than "
-                    "LFM's blocks (outside its design). Cost: counted MFLOPs of one training step and of one "
-                    "generated sample. Notebook: "
+                    "runs are scored beside them. `*`: fewer NFE than LFM's blocks (outside its design). Cost: "
+                    "counted MFLOPs of one training step and of one generated sample. Each method is compared with "
+                    f"`{data.get('control', MISSING)}` by paired t-tests over the seeds, every cell one Holm family "
+                    f"at level {fmt(data.get('alpha'))}. Notebook: "
                     f"{ctx.link('results/toy2d/related/toy2d_related.ipynb', 'related')}.", "",
                     *_table(["method", "NFE", "KL", "TV", "mode-mass error", "folded", "train MFLOPs / step",
-                             "sample MFLOPs", "needs", "status"], rows)]
+                             "sample MFLOPs", "needs", "status"], rows), "",
+                    *_table(["comparison", "metric", "NFE", "in design", "delta", "Holm p", "MDE", "verdict"], tests)]
 
 
 def toy2d_reflow_ma(ctx: Context) -> list[str]:
