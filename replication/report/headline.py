@@ -135,38 +135,33 @@ def toy2d_selection(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
         flat.put(row.get("score"), "toy2d.selection", row["student"], row["parameter"], "score")
 
 
-def toy2d_ablation(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
-    """``toy2d.ablation.<metric>.<variant>.nfe<N>.mean`` / ``.hw`` and the counted cost per step
-    ``toy2d.ablation.mflops_per_step.<variant>`` / ``saved_mib_per_step`` (one per variant)."""
-    data = inputs.get("ablation")
+def _kl_and_cost(inputs: Inputs, cfg: ReportConfig, flat: Flat, name: str, key: str, costs: tuple[str, ...]) -> None:
+    """``toy2d.<name>.kl.<row key>.nfe<N>.mean`` / ``.hw`` (one metric per row and NFE: the stage's
+    own files carry the rest) and each row's counted ``costs`` once (they do not depend on the NFE)."""
+    data = inputs.get(name)
     if data is None:
         return
     costed = set()
-    for row in (r for r in _rows(data, "rows", FILES["ablation"]) if r.get("nfe") in cfg.nfe):
+    for row in (r for r in _rows(data, "rows", FILES[name]) if r.get("nfe") in cfg.nfe):
         nfe = f"nfe{row['nfe']}"
-        for metric in ("kl",):  # one metric per variant and NFE: the ablation's own files carry the rest
-            flat.put(row.get(metric), "toy2d.ablation", metric, row["variant"], nfe, "mean")
-            flat.put(row.get(f"{metric}_hw"), "toy2d.ablation", metric, row["variant"], nfe, "hw")
-        if row["variant"] not in costed:  # the cost does not depend on the NFE of the sampler
-            costed.add(row["variant"])
-            for cost in ("mflops_per_step", "saved_mib_per_step"):
-                flat.put(row.get(cost), "toy2d.ablation", cost, row["variant"])
+        flat.put(row.get("kl"), f"toy2d.{name}", "kl", row[key], nfe, "mean")
+        flat.put(row.get("kl_hw"), f"toy2d.{name}", "kl", row[key], nfe, "hw")
+        if row[key] not in costed:
+            costed.add(row[key])
+            for cost in costs:
+                flat.put(row.get(cost), f"toy2d.{name}", cost, row[key])
+
+
+def toy2d_ablation(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
+    """``toy2d.ablation.kl.<variant>.nfe<N>.mean`` / ``.hw`` and the counted cost per step
+    ``toy2d.ablation.mflops_per_step.<variant>`` / ``saved_mib_per_step`` (one per variant)."""
+    _kl_and_cost(inputs, cfg, flat, "ablation", "variant", ("mflops_per_step", "saved_mib_per_step"))
 
 
 def toy2d_related(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
     """``toy2d.related.kl.<method>.nfe<N>.mean`` / ``.hw`` and each method's counted training cost
     ``toy2d.related.mflops_per_step.<method>`` (LFM and flow-map rows, test seeds)."""
-    data = inputs.get("related")
-    if data is None:
-        return
-    costed = set()
-    for row in (r for r in _rows(data, "rows", FILES["related"]) if r.get("nfe") in cfg.nfe):
-        nfe = f"nfe{row['nfe']}"
-        flat.put(row.get("kl"), "toy2d.related", "kl", row["method"], nfe, "mean")
-        flat.put(row.get("kl_hw"), "toy2d.related", "kl", row["method"], nfe, "hw")
-        if row["method"] not in costed:
-            costed.add(row["method"])
-            flat.put(row.get("mflops_per_step"), "toy2d.related", "mflops_per_step", row["method"])
+    _kl_and_cost(inputs, cfg, flat, "related", "method", ("mflops_per_step",))
 
 
 def toy2d_sweeps(inputs: Inputs, cfg: ReportConfig, flat: Flat) -> None:
